@@ -1,0 +1,49 @@
+"""Synthetic multi-step arithmetic: 2-3 operand addition/subtraction of numbers below 100.
+
+The worked solution does one operation a line, so a tiny model gains from its own
+reasoning tokens; the last line is `Final: <answer>`. Train and test are split by a
+hash of the problem text, so no held-out problem is ever seen in training.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+
+from opd.tasks.base import Example
+
+
+def _is_test_problem(problem: str) -> bool:
+    return int(hashlib.sha1(problem.encode()).hexdigest(), 16) % 10 == 0
+
+
+def make_problem(rng: random.Random) -> tuple[str, str, str]:
+    """(problem text, worked solution, answer) for one random problem."""
+    n_operands = rng.choice((2, 3))
+    operands = [rng.randrange(100) for _ in range(n_operands)]
+    ops = [rng.choice("+-") for _ in range(n_operands - 1)]
+    problem = str(operands[0]) + "".join(f"{op}{x}" for op, x in zip(ops, operands[1:], strict=True))
+    lines, value = [], operands[0]
+    for op, x in zip(ops, operands[1:], strict=True):
+        new = value + x if op == "+" else value - x
+        lines.append(f"{value}{op}{x}={new}")
+        value = new
+    lines.append(f"Final: {value}")
+    return problem, "\n".join(lines), str(value)
+
+
+def arithmetic_examples(n: int, split: str = "train", seed: int = 0) -> list[Example]:
+    """`n` distinct problems of one split ('train' or 'test'), deterministic in `seed`."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    rng = random.Random(f"arithmetic-{split}-{seed}")
+    want_test = split == "test"
+    examples, seen = [], set()
+    while len(examples) < n:
+        problem, solution, answer = make_problem(rng)
+        if _is_test_problem(problem) != want_test or problem in seen:
+            continue
+        seen.add(problem)
+        prompt = [{"role": "user", "content": problem}]
+        examples.append(Example(prompt=prompt, teacher_prompt=prompt, answer=answer, solution=solution))
+    return examples

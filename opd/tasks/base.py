@@ -1,0 +1,61 @@
+"""The example type and the one grader every task shares.
+
+A completion's answer is on its last non-empty line, which must read `Final: <answer>`
+(DESIGN.md §6: an answer followed by more text is not final); answers
+are compared after normalization (whitespace collapsed, trailing period, thousands
+separators, and numeric equality so that `41.0` equals `41`).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+
+FINAL_RE = re.compile(r"^\s*Final:\s*(.*?)\s*$")
+_THOUSANDS_RE = re.compile(r"(?<=\d),(?=\d{3}(?:\D|$))")
+
+Messages = list[dict[str, str]]
+
+
+@dataclass(frozen=True)
+class Example:
+    """One prompt. `teacher_prompt` equals `prompt` unless the task is privileged."""
+
+    prompt: Messages  # the student's chat messages
+    teacher_prompt: Messages  # the teacher's chat messages (richer when privileged)
+    answer: str  # the expected final answer, normalized
+    solution: str  # a reference completion ending in `Final: <answer>`
+
+    @property
+    def privileged(self) -> bool:
+        return self.teacher_prompt != self.prompt
+
+
+def normalize_answer(text: str) -> str:
+    """Collapse whitespace, drop a trailing period and thousands separators; canonical numbers."""
+    text = " ".join(text.split()).rstrip(".").strip()
+    text = _THOUSANDS_RE.sub("", text)
+    candidate = text.lstrip("$").rstrip("%").strip()
+    try:
+        number = Decimal(candidate)
+    except InvalidOperation:
+        return text
+    if not number.is_finite():
+        return text
+    if number == number.to_integral_value():
+        return str(int(number))
+    return format(number.normalize(), "f")
+
+
+def extract_final_answer(completion: str) -> str | None:
+    """The normalized answer if the last non-empty line is `Final: <answer>`, else None."""
+    lines = [line for line in completion.splitlines() if line.strip()]
+    match = FINAL_RE.match(lines[-1]) if lines else None
+    return (normalize_answer(match.group(1)) or None) if match else None
+
+
+def grade(completion: str, expected: str) -> bool:
+    """Exact match of the extracted final answer against the expected one, both normalized."""
+    found = extract_final_answer(completion)
+    return found is not None and found == normalize_answer(expected)
