@@ -1,0 +1,64 @@
+"""Rollouts + teacher scores -> one `Batch` in student target space (DESIGN.md §3).
+
+The completion of row b occupies target positions `[len(prompt) - 1, len(prompt) - 1 + R)`;
+the teacher's values, cut from its own (possibly longer, privileged) prompt's target
+space by the scorer, are copied there. The mask comes from the lengths, never from ids.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from opd.logprobs import completion_mask
+from opd.teacher import TeacherScores
+from opd.types import Batch, Rollout
+
+
+def collate(rollouts: list[Rollout], scores: list[TeacherScores], pad_id: int,
+            advantages_B: torch.Tensor | None = None) -> Batch:
+    """Right-padded tokens and every per-token tensor a loss needs, zero (or -inf) where masked."""
+    if len(rollouts) != len(scores) or not rollouts:
+        raise ValueError(f"collate needs one teacher score per rollout, got {len(rollouts)} rollouts, {len(scores)} scores")
+    B = len(rollouts)
+    L = max(len(r.prompt_ids) + len(r.completion_ids) for r in rollouts)
+    L = max(L, 2)
+    tokens_B_L = torch.full((B, L), pad_id, dtype=torch.long)
+    attention_mask_B_L = torch.zeros((B, L), dtype=torch.long)
+    sampler_B_T = torch.zeros((B, L - 1))
+    teacher_B_T = torch.zeros((B, L - 1))
+    first = scores[0]
+    topk_ids_B_T_K = topk_lp_B_T_K = logits_B_T_V = None
+    if first.topk_ids_R_K is not None:
+        K = first.topk_ids_R_K.shape[-1]
+        topk_ids_B_T_K = torch.zeros((B, L - 1, K), dtype=torch.long)
+        topk_lp_B_T_K = torch.full((B, L - 1, K), float("-inf"))
+    if first.logits_R_V is not None:
+        logits_B_T_V = torch.zeros((B, L - 1, first.logits_R_V.shape[-1]))
+    for b, (r, s) in enumerate(zip(rollouts, scores, strict=True)):
+        P, R = len(r.prompt_ids), len(r.completion_ids)
+        if s.logprobs_R.shape[0] != R:
+            raise ValueError(f"row {b}: teacher scored {s.logprobs_R.shape[0]} completion tokens, the rollout has {R}")
+        if R and not torch.isfinite(s.logprobs_R).all():
+            raise ValueError(f"row {b}: teacher logprob is not finite at completion positions "
+                             f"{torch.nonzero(~torch.isfinite(s.logprobs_R)).flatten().tolist()}")
+        tokens_B_L[b, : P + R] = torch.tensor(r.prompt_ids + r.completion_ids)
+        attention_mask_B_L[b, : P + R] = 1
+        span = slice(P - 1, P - 1 + R)
+        sampler_B_T[b, span] = torch.tensor(r.sampler_logprobs)
+        teacher_B_T[b, span] = s.logprobs_R
+        if topk_ids_B_T_K is not None:
+            topk_ids_B_T_K[b, span] = s.topk_ids_R_K
+            topk_lp_B_T_K[b, span] = s.topk_logprobs_R_K
+        if logits_B_T_V is not None:
+            logits_B_T_V[b, span] = s.logits_R_V
+    prompt_lens_B = torch.tensor([len(r.prompt_ids) for r in rollouts])
+    completion_lens_B = torch.tensor([len(r.completion_ids) for r in rollouts])
+    loss_mask_B_T = completion_mask(prompt_lens_B, completion_lens_B, L - 1).float()
+    advantages_B_T = None
+    if advantages_B is not None:
+        advantages_B_T = torch.where(loss_mask_B_T > 0, advantages_B[:, None].float(), 0.0)
+    return Batch(tokens_B_L=tokens_B_L, attention_mask_B_L=attention_mask_B_L, loss_mask_B_T=loss_mask_B_T,
+                 sampler_logprobs_B_T=sampler_B_T, teacher_logprobs_B_T=teacher_B_T,
+                 prompt_index_B=torch.tensor([r.prompt_index for r in rollouts]), advantages_B_T=advantages_B_T,
+                 teacher_topk_ids_B_T_K=topk_ids_B_T_K, teacher_topk_logprobs_B_T_K=topk_lp_B_T_K,
+                 teacher_logits_B_T_V=logits_B_T_V)

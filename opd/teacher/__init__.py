@@ -1,0 +1,41 @@
+"""Teacher scorers: the frozen teacher scores exactly the tokens the student sampled.
+
+The backend is chosen here, once; the loop only sees the `TeacherScorer` protocol.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from opd.types import Rollout
+
+
+@dataclass
+class TeacherScores:
+    """The teacher's view of one rollout's completion, aligned with `completion_ids` (R tokens)."""
+
+    logprobs_R: torch.Tensor  # float32 teacher logprob of each sampled token
+    topk_ids_R_K: torch.Tensor | None = None  # long, the teacher's own top-k tokens
+    topk_logprobs_R_K: torch.Tensor | None = None  # float32, their teacher logprobs
+    logits_R_V: torch.Tensor | None = None  # raw logits, for full-vocabulary losses
+
+
+class TeacherScorer(Protocol):
+    def score(self, rollouts: list[Rollout], temperature: float, topk: int = 0, full_logits: bool = False) -> list[TeacherScores]:
+        """Teacher logprobs at `temperature` of each rollout's completion under its teacher prompt."""
+        ...
+
+
+def make_teacher_scorer(backend: str, model: torch.nn.Module, batch_size: int = 64) -> TeacherScorer:
+    if backend == "hf":
+        from opd.teacher.hf import HFTeacherScorer
+
+        return HFTeacherScorer(model, batch_size=batch_size)
+    if backend == "vllm":
+        from opd.teacher.vllm import VLLMTeacherScorer  # optional dependency, GPU only
+
+        return VLLMTeacherScorer(model)
+    raise ValueError(f"unknown teacher backend {backend!r}; accepted: 'hf', 'vllm'")

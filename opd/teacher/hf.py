@@ -1,0 +1,76 @@
+"""The in-process frozen `transformers` teacher: one right-padded forward per chunk of rollouts.
+
+It scores `teacher_prompt_ids + completion_ids` and cuts the completion out of its own
+target space, `[len(teacher_prompt) - 1, len(teacher_prompt) - 1 + R)` (DESIGN.md §3);
+`collate` then places it at the student's positions.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from opd.logprobs import token_logprobs
+from opd.teacher import TeacherScores
+from opd.types import Rollout
+
+
+def freeze(model: torch.nn.Module) -> torch.nn.Module:
+    """Eval mode (no dropout) and no gradients, for good."""
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+@torch.inference_mode()
+def score_tokens(model: torch.nn.Module, prompts: list[list[int]], completions: list[list[int]], temperature: float,
+                 topk: int = 0, full_logits: bool = False, batch_size: int = 64) -> list[TeacherScores]:
+    """`model`'s view of each completion after its prompt, at `temperature`, aligned with the completion."""
+    if temperature <= 0:
+        raise ValueError(f"scoring temperature must be > 0, got {temperature}")
+    if len(prompts) != len(completions):
+        raise ValueError(f"{len(prompts)} prompts for {len(completions)} completions")
+    scores = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = slice(start, start + batch_size)
+        scores += _score_chunk(model, prompts[chunk], completions[chunk], temperature, topk, full_logits)
+    return scores
+
+
+def _score_chunk(model, prompts, completions, temperature, topk, full_logits) -> list[TeacherScores]:
+    device = next(model.parameters()).device
+    pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+    seqs = [p + c for p, c in zip(prompts, completions, strict=True)]
+    width = max(max(len(s) for s in seqs), 2)
+    tokens_B_L = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    attention_mask_B_L = torch.zeros_like(tokens_B_L)
+    for row, seq in enumerate(seqs):
+        tokens_B_L[row, : len(seq)] = torch.tensor(seq)
+        attention_mask_B_L[row, : len(seq)] = 1
+    tokens_B_L, attention_mask_B_L = tokens_B_L.to(device), attention_mask_B_L.to(device)
+    logits_B_T_V = model(input_ids=tokens_B_L, attention_mask=attention_mask_B_L).logits[:, :-1]
+    logprobs_B_T = token_logprobs(logits_B_T_V, tokens_B_L[:, 1:], temperature=temperature).cpu()
+    if topk:
+        k = min(topk, logits_B_T_V.shape[-1])
+        topk_logprobs_B_T_K, topk_ids_B_T_K = torch.log_softmax(logits_B_T_V.float() / temperature, -1).topk(k, -1)
+        topk_logprobs_B_T_K, topk_ids_B_T_K = topk_logprobs_B_T_K.cpu(), topk_ids_B_T_K.cpu()
+    out = []
+    for row, (prompt, completion) in enumerate(zip(prompts, completions, strict=True)):
+        span = slice(len(prompt) - 1, len(prompt) - 1 + len(completion))
+        out.append(TeacherScores(
+            logprobs_R=logprobs_B_T[row, span].clone(),
+            topk_ids_R_K=topk_ids_B_T_K[row, span].clone() if topk else None,
+            topk_logprobs_R_K=topk_logprobs_B_T_K[row, span].clone() if topk else None,
+            logits_R_V=logits_B_T_V[row, span].float().cpu().clone() if full_logits else None))
+    return out
+
+
+class HFTeacherScorer:
+    """Scores with a frozen in-process model; applies any temperature exactly."""
+
+    def __init__(self, model: torch.nn.Module, batch_size: int = 64):
+        self.model = freeze(model)
+        self.batch_size = batch_size
+
+    def score(self, rollouts: list[Rollout], temperature: float, topk: int = 0, full_logits: bool = False) -> list[TeacherScores]:
+        return score_tokens(self.model, [r.teacher_prompt_ids for r in rollouts], [r.completion_ids for r in rollouts],
+                            temperature, topk=topk, full_logits=full_logits, batch_size=self.batch_size)

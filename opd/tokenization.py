@@ -1,0 +1,46 @@
+"""Chat rendering and teacher/student tokenizer compatibility (DESIGN.md §5)."""
+
+from __future__ import annotations
+
+from transformers import PreTrainedTokenizerBase
+
+Messages = list[dict[str, str]]
+
+
+def render_prompt(tokenizer: PreTrainedTokenizerBase, messages: Messages) -> list[int]:
+    """Token ids of a chat prompt in the tokenizer's own template, ready for the assistant turn."""
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    if isinstance(ids, dict) or hasattr(ids, "keys"):  # some versions return a BatchEncoding
+        ids = ids["input_ids"]
+    return list(ids)
+
+
+def encode_completion(tokenizer: PreTrainedTokenizerBase, text: str, add_eos: bool = True) -> list[int]:
+    """Ids of an assistant completion (no special tokens added), ending in eos if asked."""
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    return ids + [tokenizer.eos_token_id] if add_eos else ids
+
+
+def check_tokenizers_compatible(teacher: PreTrainedTokenizerBase, student: PreTrainedTokenizerBase) -> None:
+    """Raise ValueError naming the first mismatch unless the teacher's ids mean the same to the student.
+
+    Every teacher token must exist in the student vocab with the same id, every student
+    id below the teacher's size must map to the same string, and the special-token ids
+    must agree. Extra student ids above the teacher's range are allowed (padded rows).
+    """
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id"):
+        t, s = getattr(teacher, name), getattr(student, name)
+        if t != s:
+            raise ValueError(f"tokenizers disagree on {name}: teacher {t}, student {s}; use the same tokenizer family")
+    teacher_vocab, student_vocab = teacher.get_vocab(), student.get_vocab()
+    student_by_id = {i: tok for tok, i in student_vocab.items()}
+    for token, i in sorted(teacher_vocab.items(), key=lambda kv: kv[1]):
+        if student_vocab.get(token) != i:
+            raise ValueError(
+                f"teacher token {token!r} (id {i}) is id {student_vocab.get(token)} in the student vocab, "
+                f"student id {i} is {student_by_id.get(i)!r}; teacher and student must share one tokenizer"
+            )
+    teacher_size = len(teacher_vocab)
+    for i, token in sorted(student_by_id.items()):
+        if i < teacher_size and teacher_vocab.get(token) != i:
+            raise ValueError(f"student id {i} ({token!r}) has no same-id teacher token; tokenizers differ")

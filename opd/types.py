@@ -1,0 +1,86 @@
+"""The data contract between stages (DESIGN.md §3). Validation of shapes only, no logic.
+
+Axes: B sequences, L tokens (prompt + completion, right-padded), T = L - 1 target
+positions, K teacher top-k, V vocabulary. Position t of every `_B_T` tensor predicts
+`tokens_B_L[:, t + 1]`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+FINISH_REASONS = ("stop", "length")
+
+
+@dataclass
+class Rollout:
+    """One student sample, as plain Python lists."""
+
+    prompt_ids: list[int]  # the student's prompt
+    completion_ids: list[int]  # sampled tokens, the generated eos included
+    sampler_logprobs: list[float]  # logprob of each sampled token under the distribution it was drawn from
+    finish_reason: str  # "stop" (eos sampled) or "length" (max_new_tokens reached)
+    prompt_index: int  # which prompt of the step, for groups
+    teacher_prompt_ids: list[int] = field(default_factory=list)  # empty means: same as prompt_ids
+    expected_answer: str | None = None
+    reward: float | None = None
+
+    def __post_init__(self) -> None:
+        if not self.teacher_prompt_ids:
+            self.teacher_prompt_ids = list(self.prompt_ids)
+        if len(self.sampler_logprobs) != len(self.completion_ids):
+            raise ValueError(
+                f"rollout of prompt {self.prompt_index}: {len(self.sampler_logprobs)} sampler logprobs "
+                f"for {len(self.completion_ids)} completion tokens"
+            )
+        if self.finish_reason not in FINISH_REASONS:
+            raise ValueError(f"finish_reason must be one of {FINISH_REASONS}, got {self.finish_reason!r}")
+        if not self.prompt_ids or not self.teacher_prompt_ids:
+            raise ValueError(f"rollout of prompt {self.prompt_index}: empty prompt")
+        if any(math.isnan(x) for x in self.sampler_logprobs):
+            raise ValueError(f"rollout of prompt {self.prompt_index}: NaN sampler logprob")
+
+
+@dataclass
+class Batch:
+    """Tensors for one optimizer step's worth of rollouts, in target space."""
+
+    tokens_B_L: torch.Tensor  # long
+    attention_mask_B_L: torch.Tensor  # long, 1 on prompt + completion
+    loss_mask_B_T: torch.Tensor  # float 0/1, 1 exactly on completion targets
+    sampler_logprobs_B_T: torch.Tensor  # float32, 0.0 where masked
+    teacher_logprobs_B_T: torch.Tensor  # float32, 0.0 where masked
+    prompt_index_B: torch.Tensor  # long
+    advantages_B_T: torch.Tensor | None = None  # task advantages (0 for pure OPD)
+    teacher_topk_ids_B_T_K: torch.Tensor | None = None  # long, 0 where masked
+    teacher_topk_logprobs_B_T_K: torch.Tensor | None = None  # float32, -inf where masked
+    teacher_logits_B_T_V: torch.Tensor | None = None  # only for full-vocabulary losses
+
+    def __post_init__(self) -> None:
+        B, L = self.tokens_B_L.shape
+        expect = {"attention_mask_B_L": (B, L), "loss_mask_B_T": (B, L - 1), "sampler_logprobs_B_T": (B, L - 1),
+                  "teacher_logprobs_B_T": (B, L - 1), "prompt_index_B": (B,), "advantages_B_T": (B, L - 1)}
+        for name, shape in expect.items():
+            value = getattr(self, name)
+            if value is not None and tuple(value.shape) != shape:
+                raise ValueError(f"Batch.{name} has shape {tuple(value.shape)}, expected {shape}")
+        for name in ("teacher_topk_ids_B_T_K", "teacher_topk_logprobs_B_T_K", "teacher_logits_B_T_V"):
+            value = getattr(self, name)
+            if value is not None and tuple(value.shape[:2]) != (B, L - 1):
+                raise ValueError(f"Batch.{name} has shape {tuple(value.shape)}, expected ({B}, {L - 1}, ...)")
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.loss_mask_B_T.sum().item())
+
+    def to(self, device: torch.device | str) -> Batch:
+        return Batch(**{name: (value.to(device) if isinstance(value, torch.Tensor) else value)
+                        for name, value in vars(self).items()})
+
+    def select(self, rows: slice) -> Batch:
+        """The micro-batch of rows `rows`; every tensor field sliced along B."""
+        fields = {name: (value[rows] if isinstance(value, torch.Tensor) else value) for name, value in vars(self).items()}
+        return Batch(**fields)
