@@ -1,0 +1,365 @@
+"""Pure loss functions for on-policy distillation: (tensors, scalars) -> (loss, metrics).
+
+Notation (DESIGN.md §3-4): `B` sequences, `T` target positions, `V` vocabulary, `K` teacher top-k.
+`p` = sampler logprob of the sampled token, `q` = teacher logprob of it, `m` = loss mask (0/1),
+`log π` = the trained student's logprob, `N` = active tokens of the whole optimizer step.
+Every loss is `Σ (per-token term · m) / N` (`logprobs.normalized_sum`), so `N = 0` gives an exact 0
+with a zero gradient. Masked positions are excluded with `torch.where`, never by multiplying with
+the mask, so NaN/inf stored there never reaches a loss or a gradient. Metrics are detached scalars,
+means over this call's active tokens, named as in DESIGN.md §6.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from opd.logprobs import (
+    _check_chunk_size,
+    _check_temperature,
+    _compute_dtype,
+    gather_logprobs,
+    masked_mean,
+    normalized_sum,
+)
+
+
+def _check_shapes(**tensors: Tensor) -> None:
+    shapes = {name: tuple(t.shape) for name, t in tensors.items()}
+    if len(set(shapes.values())) != 1:
+        raise ValueError(f"shapes must match: {shapes}")
+
+
+def _fp(x: Tensor) -> Tensor:
+    """x in fp32, or fp64 if it already is (so gradcheck can run in double precision)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def _detached(metrics: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {name: value.detach().float() for name, value in metrics.items()}
+
+
+def _advantage_metrics(advantages_B_T: Tensor, active_B_T: Tensor) -> dict[str, Tensor]:
+    adv_B_T = torch.where(active_B_T, advantages_B_T, torch.zeros_like(advantages_B_T))
+    return {"opd/advantage": masked_mean(adv_B_T, active_B_T),
+            "opd/abs_advantage": masked_mean(adv_B_T.abs(), active_B_T)}
+
+
+def _reverse_kl_term(sampler_logprobs_B_T: Tensor, teacher_logprobs_B_T: Tensor, kl_coef: float) -> Tensor:
+    """c · (p_t - q_t) everywhere, detached fp32; callers where-mask it (masked slots may hold garbage)."""
+    return kl_coef * (_fp(sampler_logprobs_B_T.detach()) - _fp(teacher_logprobs_B_T.detach()))
+
+
+def reverse_kl_advantages(sampler_logprobs_B_T: Tensor, teacher_logprobs_B_T: Tensor, loss_mask_B_T: Tensor,
+                          kl_coef: float = 1.0, discount: float = 0.0) -> Tensor:
+    """Per-token OPD advantage `A_t = -c · m_t · (p_t - q_t)` (Thinking Machines, "On-Policy Distillation").
+
+    With `discount = γ > 0`: `A_t = Σ_{s >= t, m_s = 1} γ^(s-t) · (-c (p_s - q_s))`, the discounted
+    future sum within the completion (tinker-cookbook `distillation`). Shapes `[B, T]`; returns a
+    detached fp32 `advantages_B_T`, exactly 0 on masked positions.
+    """
+    _check_shapes(sampler_logprobs_B_T=sampler_logprobs_B_T, teacher_logprobs_B_T=teacher_logprobs_B_T,
+                  loss_mask_B_T=loss_mask_B_T)
+    if not 0.0 <= discount <= 1.0:
+        raise ValueError(f"discount must be in [0, 1], got {discount!r}")
+    active_B_T = loss_mask_B_T != 0
+    diff_B_T = _reverse_kl_term(sampler_logprobs_B_T, teacher_logprobs_B_T, kl_coef)
+    term_B_T = torch.where(active_B_T, -diff_B_T, torch.zeros_like(diff_B_T))
+    if discount > 0.0:
+        # Completions are contiguous and masked terms are 0, so a right-to-left scan stays inside one.
+        acc_B = torch.zeros_like(term_B_T[..., 0])
+        for t in reversed(range(term_B_T.shape[-1])):
+            acc_B = term_B_T[..., t] + discount * acc_B
+            term_B_T[..., t] = acc_B
+        term_B_T = torch.where(active_B_T, term_B_T, torch.zeros_like(term_B_T))
+    return term_B_T
+
+
+def mix_opd_advantages(task_advantages_B: Tensor, sampler_logprobs_B_T: Tensor, teacher_logprobs_B_T: Tensor,
+                       loss_mask_B_T: Tensor, kl_coef: float) -> Tensor:
+    """OPD + task reward (slime / GRPO-style): `Â_t = A^task - λ · m_t · (p_t - q_t)`, before any normalization.
+
+    task_advantages_B: `[B]` (one per sequence, broadcast over its active tokens) or `[B, T]`.
+    Returns detached fp32 `advantages_B_T`, 0 on masked positions; with task advantages all 0 it
+    equals `reverse_kl_advantages(..., kl_coef=λ)` exactly.
+    """
+    _check_shapes(sampler_logprobs_B_T=sampler_logprobs_B_T, teacher_logprobs_B_T=teacher_logprobs_B_T,
+                  loss_mask_B_T=loss_mask_B_T)
+    B = loss_mask_B_T.shape[0]
+    if task_advantages_B.shape not in {(B,), tuple(loss_mask_B_T.shape)}:
+        raise ValueError(f"task_advantages {tuple(task_advantages_B.shape)} must be ({B},) "
+                         f"or {tuple(loss_mask_B_T.shape)}")
+    active_B_T = loss_mask_B_T != 0
+    task_B_T = _fp(task_advantages_B.detach())
+    task_B_T = (task_B_T[:, None] if task_B_T.dim() == 1 else task_B_T).expand(loss_mask_B_T.shape)
+    diff_B_T = _reverse_kl_term(sampler_logprobs_B_T, teacher_logprobs_B_T, kl_coef)
+    return torch.where(active_B_T, task_B_T - diff_B_T, torch.zeros_like(diff_B_T))
+
+
+def importance_sampling_loss(student_logprobs_B_T: Tensor, sampler_logprobs_B_T: Tensor, advantages_B_T: Tensor,
+                             loss_mask_B_T: Tensor, num_tokens: float | Tensor,
+                             log_ratio_cap: float = 20.0) -> tuple[Tensor, dict[str, Tensor]]:
+    """Importance-sampled policy gradient (tinker-cookbook `importance_sampling` loss).
+
+        L = -Σ_t m_t · exp(min(log π_t - p_t, cap)) · sg(A_t) / N
+    All inputs `[B, T]`. At `log π = p`, `L = -Σ m A / N` and `∂L/∂log π_t = -A_t / N`; with
+    `A = -c(p - q)` that is `Σ m c (p - q) / N` and `c (p_t - q_t) / N`. Above the cap the ratio is
+    constant (zero gradient). Metrics: `opd/is_ratio` (mean capped ratio),
+    `opd/is_capped_fraction`, `opd/advantage`, `opd/abs_advantage`.
+    """
+    _check_shapes(student_logprobs_B_T=student_logprobs_B_T, sampler_logprobs_B_T=sampler_logprobs_B_T,
+                  advantages_B_T=advantages_B_T, loss_mask_B_T=loss_mask_B_T)
+    active_B_T = loss_mask_B_T != 0
+    log_ratio_B_T = _fp(student_logprobs_B_T) - _fp(sampler_logprobs_B_T.detach())
+    zeros_B_T = torch.zeros_like(log_ratio_B_T)
+    log_ratio_B_T = torch.where(active_B_T, log_ratio_B_T, zeros_B_T)
+    ratio_B_T = torch.exp(log_ratio_B_T.clamp(max=log_ratio_cap))
+    adv_B_T = torch.where(active_B_T, _fp(advantages_B_T.detach()).to(zeros_B_T.dtype), zeros_B_T)
+    loss = normalized_sum(-ratio_B_T * adv_B_T, loss_mask_B_T, num_tokens)
+    metrics = {"opd/is_ratio": masked_mean(ratio_B_T, loss_mask_B_T),
+               "opd/is_capped_fraction": masked_mean((log_ratio_B_T > log_ratio_cap).float(), loss_mask_B_T),
+               **_advantage_metrics(adv_B_T, active_B_T)}
+    return loss, _detached(metrics)
+
+
+def ppo_clip_loss(student_logprobs_B_T: Tensor, old_logprobs_B_T: Tensor, advantages_B_T: Tensor,
+                  loss_mask_B_T: Tensor, num_tokens: float | Tensor, clip_low: float = 0.2,
+                  clip_high: float = 0.2) -> tuple[Tensor, dict[str, Tensor]]:
+    """PPO clipped surrogate (Schulman et al. 2017; asymmetric bounds as in DAPO).
+
+        r_t = exp(log π_t - log π_old,t);  L = -Σ_t m_t · min(r_t A_t, clip(r_t, 1-ε_lo, 1+ε_hi) A_t) / N
+    All inputs `[B, T]`. Departure: the log-ratio is clamped to ±20 before exp so an extreme ratio
+    cannot overflow to inf (inf·0 = NaN); this changes nothing for |log r| < 20. Metrics:
+    `opd/ppo_clip_fraction` (tokens whose clipped branch is selected, i.e. zero gradient),
+    `opd/ppo_ratio`, `opd/advantage`, `opd/abs_advantage`.
+    """
+    _check_shapes(student_logprobs_B_T=student_logprobs_B_T, old_logprobs_B_T=old_logprobs_B_T,
+                  advantages_B_T=advantages_B_T, loss_mask_B_T=loss_mask_B_T)
+    if clip_low < 0 or clip_high < 0:
+        raise ValueError(f"clip_low and clip_high must be >= 0, got {clip_low!r}, {clip_high!r}")
+    active_B_T = loss_mask_B_T != 0
+    log_ratio_B_T = _fp(student_logprobs_B_T) - _fp(old_logprobs_B_T.detach())
+    zeros_B_T = torch.zeros_like(log_ratio_B_T)
+    log_ratio_B_T = torch.where(active_B_T, log_ratio_B_T, zeros_B_T)
+    ratio_B_T = torch.exp(log_ratio_B_T.clamp(min=-20.0, max=20.0))
+    adv_B_T = torch.where(active_B_T, _fp(advantages_B_T.detach()).to(zeros_B_T.dtype), zeros_B_T)
+    unclipped_B_T = ratio_B_T * adv_B_T
+    clipped_B_T = ratio_B_T.clamp(1.0 - clip_low, 1.0 + clip_high) * adv_B_T
+    loss = normalized_sum(-torch.minimum(unclipped_B_T, clipped_B_T), loss_mask_B_T, num_tokens)
+    metrics = {"opd/ppo_clip_fraction": masked_mean((clipped_B_T < unclipped_B_T).float(), loss_mask_B_T),
+               "opd/ppo_ratio": masked_mean(ratio_B_T, loss_mask_B_T),
+               **_advantage_metrics(adv_B_T, active_B_T)}
+    return loss, _detached(metrics)
+
+
+def topk_forward_kl_loss(student_logits_B_T_V: Tensor, teacher_topk_ids_B_T_K: Tensor,
+                         teacher_topk_logprobs_B_T_K: Tensor, loss_mask_B_T: Tensor,
+                         num_tokens: float | Tensor, temperature: float = 1.0, tail_bucket: bool = False,
+                         sampled_ids_B_T: Tensor | None = None,
+                         chunk_size: int = 64) -> tuple[Tensor, dict[str, Tensor]]:
+    """Forward KL to the teacher's top-k (open-instruct's top-k distillation; DESIGN.md §4).
+
+        ℓ_k = log softmax(z_s / τ)[v_k]   (full student softmax, no renormalization over the k ids)
+        L_t = Σ_{k: ν_k finite} exp(ν_k) (ν_k - ℓ_k)
+              [+ (1 - Σe^ν)(log(1 - Σe^ν) - log(1 - Σe^ℓ))  with tail_bucket]
+        L   = Σ_t m_t L_t / N
+    Shapes: logits `[B, T, V]`, ids / logprobs `[B, T, K]`, mask `[B, T]`. ν must already be at
+    temperature τ (the teacher scorer applies it); ℓ uses the same τ. A -inf teacher slot adds
+    exactly 0, even where ℓ = -inf. Teacher ids outside [0, V) at active positions raise ValueError,
+    never clamped. ℓ comes from the chunked log-softmax, so no fp32 `[B, T, V]` copy exists. The
+    student tail is floored at 1e-6 in value only (straight-through) so its gradient never vanishes.
+    Metrics: `opd/topk_forward_kl`, `opd/teacher_topk_mass`, `opd/sampled_token_in_topk` (if sampled ids).
+    """
+    _check_temperature(temperature)
+    _check_chunk_size(chunk_size)
+    lead = tuple(student_logits_B_T_V.shape[:-1])
+    V = student_logits_B_T_V.shape[-1]
+    if (teacher_topk_ids_B_T_K.shape != teacher_topk_logprobs_B_T_K.shape or teacher_topk_ids_B_T_K.dim() < 2
+            or tuple(teacher_topk_ids_B_T_K.shape[:-1]) != lead or tuple(loss_mask_B_T.shape) != lead):
+        raise ValueError(f"shapes disagree: logits {tuple(student_logits_B_T_V.shape)}, ids "
+                         f"{tuple(teacher_topk_ids_B_T_K.shape)}, logprobs {tuple(teacher_topk_logprobs_B_T_K.shape)}, "
+                         f"mask {tuple(loss_mask_B_T.shape)}")
+    if teacher_topk_ids_B_T_K.is_floating_point():
+        raise ValueError(f"teacher top-k ids must be integers, got {teacher_topk_ids_B_T_K.dtype}")
+    active_B_T = loss_mask_B_T != 0
+    nu_B_T_K = _fp(teacher_topk_logprobs_B_T_K.detach())
+    bad_B_T_K = active_B_T[..., None] & ((teacher_topk_ids_B_T_K < 0) | (teacher_topk_ids_B_T_K >= V))
+    if bad_B_T_K.any():
+        pos = bad_B_T_K.nonzero()[0].tolist()
+        raise ValueError(f"teacher top-k id {int(teacher_topk_ids_B_T_K[tuple(pos)])} at position {pos} is outside "
+                         f"the student vocabulary [0, {V}); ids are never clamped")
+    bad_B_T_K = active_B_T[..., None] & (nu_B_T_K.isnan() | nu_B_T_K.isposinf())
+    if bad_B_T_K.any():
+        pos = bad_B_T_K.nonzero()[0].tolist()
+        raise ValueError(f"teacher top-k logprob {float(nu_B_T_K[tuple(pos)])} at active position {pos} "
+                         "is not a logprob")
+
+    finite_B_T_K = active_B_T[..., None] & nu_B_T_K.isfinite()
+    ids_B_T_K = torch.where(active_B_T[..., None], teacher_topk_ids_B_T_K, torch.zeros_like(teacher_topk_ids_B_T_K))
+    ell_B_T_K = gather_logprobs(student_logits_B_T_V, ids_B_T_K, temperature, chunk_size)
+    zeros_B_T_K = torch.zeros_like(nu_B_T_K)
+    # Sanitize before exp/mul: where() after them would still send 0 * NaN = NaN back into the gradient.
+    nu_safe_B_T_K = torch.where(finite_B_T_K, nu_B_T_K, zeros_B_T_K)
+    ell_safe_B_T_K = torch.where(finite_B_T_K, ell_B_T_K, zeros_B_T_K)
+    teacher_p_B_T_K = torch.where(finite_B_T_K, nu_safe_B_T_K.exp(), zeros_B_T_K)
+    per_token_B_T = (teacher_p_B_T_K * (nu_safe_B_T_K - ell_safe_B_T_K)).sum(-1)
+    mass_B_T = teacher_p_B_T_K.sum(-1)
+    if tail_bucket:
+        student_mass_B_T = torch.where(finite_B_T_K, ell_safe_B_T_K.exp(), zeros_B_T_K).sum(-1)
+        tail_t_B_T = (1.0 - mass_B_T).clamp(min=0.0)
+        tail_s_B_T = 1.0 - student_mass_B_T
+        tail_s_B_T = tail_s_B_T + (1e-6 - tail_s_B_T).clamp(min=0.0).detach()
+        log_tail_t_B_T = torch.log(torch.where(tail_t_B_T > 0, tail_t_B_T, torch.ones_like(tail_t_B_T)))
+        tail_term_B_T = tail_t_B_T * (log_tail_t_B_T - torch.log(tail_s_B_T))
+        per_token_B_T = per_token_B_T + torch.where(active_B_T & (tail_t_B_T > 0), tail_term_B_T,
+                                                    torch.zeros_like(tail_term_B_T))
+    loss = normalized_sum(per_token_B_T, loss_mask_B_T, num_tokens)
+    metrics = {"opd/topk_forward_kl": masked_mean(per_token_B_T, loss_mask_B_T),
+               "opd/teacher_topk_mass": masked_mean(mass_B_T, loss_mask_B_T)}
+    if sampled_ids_B_T is not None:
+        if tuple(sampled_ids_B_T.shape) != lead:
+            raise ValueError(f"sampled_ids {tuple(sampled_ids_B_T.shape)} must have shape {lead}")
+        hit_B_T = ((teacher_topk_ids_B_T_K == sampled_ids_B_T[..., None]) & finite_B_T_K).any(-1)
+        metrics["opd/sampled_token_in_topk"] = masked_mean(hit_B_T.float(), loss_mask_B_T)
+    return loss, _detached(metrics)
+
+
+def _jsd_rows(s_C_V: Tensor, t_C_V: Tensor, beta: float, temperature: float) -> tuple[Tensor, Tensor]:
+    """Per-row generalized JSD and its gradient w.r.t. the student logits, in fp32 (fp64 for fp64 input).
+
+    With g = ∂JSD/∂P_S = (1-β) log(P_S/M) (log(P_S/P_T) + 1 at β=1), the softmax Jacobian gives
+    ∂JSD/∂z_s = P_S (g - Σ P_S g) / τ; at β=0 it is (P_S - P_T) / τ. Log-probs are floored at
+    -1e4 (exp underflows to 0 long before), so 0·log 0 terms are exactly 0 without extra passes.
+    """
+    dtype = _compute_dtype(s_C_V)
+    log_ps_C_V = torch.log_softmax(s_C_V.to(dtype) / temperature, dim=-1).clamp_(min=-1e4)
+    log_pt_C_V = torch.log_softmax(t_C_V.to(dtype) / temperature, dim=-1).clamp_(min=-1e4)
+    ps_C_V, pt_C_V = log_ps_C_V.exp(), log_pt_C_V.exp()
+    if beta == 0.0:
+        value_C = torch.linalg.vecdot(pt_C_V, log_pt_C_V.sub_(log_ps_C_V))
+        grad_C_V = ps_C_V.sub_(pt_C_V)
+    else:
+        if beta == 1.0:
+            log_ref_C_V, weight_s, value_t_C = log_pt_C_V, 1.0, 0.0
+        else:
+            # log M = log(β P_T + (1-β) P_S), floored at the smallest normal float (M may underflow to 0).
+            log_ref_C_V = torch.add(pt_C_V * beta, ps_C_V, alpha=1.0 - beta)
+            log_ref_C_V.clamp_(min=torch.finfo(dtype).tiny).log_()
+            value_t_C = beta * torch.linalg.vecdot(pt_C_V, log_pt_C_V.sub_(log_ref_C_V))
+            weight_s = 1.0 - beta
+        diff_C_V = log_ps_C_V.sub_(log_ref_C_V)
+        kl_s_C = torch.linalg.vecdot(ps_C_V, diff_C_V)
+        value_C = value_t_C + weight_s * kl_s_C
+        grad_C_V = ps_C_V.mul_(diff_C_V.sub_(kl_s_C[:, None])).mul_(weight_s)
+    # A divergence is >= 0; fp32 rounding can leave ~-1e-7 for near-identical rows.
+    return value_C.clamp(min=0.0), grad_C_V.div_(temperature)
+
+
+class _ChunkedJSD(torch.autograd.Function):
+    """Per-token JSD_β on active rows only; the backward recomputes each chunk into one gradient buffer."""
+
+    @staticmethod
+    def forward(ctx, student_lead_V, teacher_lead_V, beta, temperature, chunk_size, *active_idx):
+        V = min(student_lead_V.shape[-1], teacher_lead_V.shape[-1])
+        per_token_lead = torch.zeros(student_lead_V.shape[:-1], dtype=_compute_dtype(student_lead_V),
+                                     device=student_lead_V.device)
+        for start in range(0, active_idx[0].numel(), chunk_size):
+            sel = tuple(i[start:start + chunk_size] for i in active_idx)
+            value_C, _ = _jsd_rows(student_lead_V[(*sel, slice(0, V))], teacher_lead_V[(*sel, slice(0, V))],
+                                   beta, temperature)
+            per_token_lead[sel] = value_C
+        ctx.save_for_backward(student_lead_V, teacher_lead_V, *active_idx)
+        ctx.beta, ctx.temperature, ctx.chunk_size, ctx.V = beta, temperature, chunk_size, V
+        return per_token_lead
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_lead: Tensor):
+        student_lead_V, teacher_lead_V, *active_idx = ctx.saved_tensors
+        V = ctx.V
+        grad_s = torch.zeros(student_lead_V.shape, dtype=student_lead_V.dtype, device=student_lead_V.device)
+        for start in range(0, active_idx[0].numel(), ctx.chunk_size):
+            sel = tuple(i[start:start + ctx.chunk_size] for i in active_idx)
+            _, grad_C_V = _jsd_rows(student_lead_V[(*sel, slice(0, V))], teacher_lead_V[(*sel, slice(0, V))],
+                                    ctx.beta, ctx.temperature)
+            grad_s[(*sel, slice(0, V))] = grad_C_V.mul_(grad_lead[sel].to(grad_C_V.dtype)[:, None]).to(grad_s.dtype)
+        return (grad_s, None, None, None, None, *(None for _ in active_idx))
+
+
+def generalized_jsd_loss(student_logits_B_T_V: Tensor, teacher_logits_B_T_V: Tensor, loss_mask_B_T: Tensor,
+                         num_tokens: float | Tensor, beta: float = 0.5, temperature: float = 1.0,
+                         chunk_size: int = 32) -> tuple[Tensor, dict[str, Tensor]]:
+    """Full-vocabulary generalized Jensen-Shannon divergence (GKD, Agarwal et al. 2024; TRL's convention).
+
+        P_S = softmax(z_s[:V] / τ), P_T = softmax(z_t[:V] / τ), M = β P_T + (1-β) P_S
+        JSD_β = β KL(P_T‖M) + (1-β) KL(P_S‖M);  β = 0: KL(P_T‖P_S);  β = 1: KL(P_S‖P_T)
+        L = Σ_t m_t JSD_β,t / N
+    Shapes: logits `[B, T, Vs]` and `[B, T, Vt]`, mask `[B, T]`. Padded vocabularies: both sides
+    are compared over the shared range `V = min(Vs, Vt)` only (columns above get zero gradient).
+    Computed in fp32 over active positions only, `chunk_size` rows at a time; the backward
+    recomputes each chunk with the analytic gradient and writes into one gradient of the student's
+    dtype. Gradient flows to the student only. Metric: `opd/jsd`.
+    """
+    _check_temperature(temperature)
+    _check_chunk_size(chunk_size)
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be in [0, 1], got {beta!r}")
+    lead = tuple(student_logits_B_T_V.shape[:-1])
+    if tuple(teacher_logits_B_T_V.shape[:-1]) != lead or tuple(loss_mask_B_T.shape) != lead or len(lead) < 1:
+        raise ValueError(f"shapes disagree: student logits {tuple(student_logits_B_T_V.shape)}, teacher logits "
+                         f"{tuple(teacher_logits_B_T_V.shape)}, mask {tuple(loss_mask_B_T.shape)}")
+    active_idx = (loss_mask_B_T != 0).nonzero(as_tuple=True)
+    per_token_B_T = _ChunkedJSD.apply(student_logits_B_T_V, teacher_logits_B_T_V.detach(), float(beta),
+                                      float(temperature), chunk_size, *active_idx)
+    loss = normalized_sum(per_token_B_T, loss_mask_B_T, num_tokens)
+    return loss, _detached({"opd/jsd": masked_mean(per_token_B_T, loss_mask_B_T)})
+
+
+def grpo_advantages(rewards_B: Tensor, prompt_index_B: Tensor, scale_by_std: bool = True,
+                    eps: float = 1e-6) -> Tensor:
+    """Group-relative advantages (DeepSeekMath GRPO): `(r - mean_g) / (std_g + eps)` per prompt group.
+
+    Groups are sequences sharing `prompt_index`; std is the unbiased one (as TRL and slime use).
+    A group of one gets 0. Returns fp32 `advantages_B`.
+    """
+    if rewards_B.dim() != 1 or rewards_B.shape != prompt_index_B.shape:
+        raise ValueError(f"rewards {tuple(rewards_B.shape)} and prompt_index {tuple(prompt_index_B.shape)} "
+                         "must be equal 1-d shapes")
+    rewards_B = rewards_B.detach().float()
+    if not rewards_B.isfinite().all():
+        raise ValueError(f"rewards must be finite, got {rewards_B.tolist()}")
+    _, group_B = torch.unique(prompt_index_B, return_inverse=True)
+    G = int(group_B.max()) + 1 if group_B.numel() else 0
+    count_G = torch.zeros(G, device=rewards_B.device).index_add_(0, group_B, torch.ones_like(rewards_B))
+    mean_G = torch.zeros(G, device=rewards_B.device).index_add_(0, group_B, rewards_B) / count_G
+    adv_B = rewards_B - mean_G[group_B]
+    if scale_by_std:
+        var_G = torch.zeros(G, device=rewards_B.device).index_add_(0, group_B, adv_B**2) / (count_G - 1).clamp(min=1)
+        adv_B = adv_B / (var_G.sqrt()[group_B] + eps)
+    return torch.where(count_G[group_B] > 1, adv_B, torch.zeros_like(adv_B))
+
+
+@torch.no_grad()
+def opsm_mask(student_logprobs_B_T: Tensor, old_logprobs_B_T: Tensor, advantages_B_T: Tensor,
+              loss_mask_B_T: Tensor, delta: float) -> tuple[Tensor, dict[str, Tensor]]:
+    """Off-policy sequence masking (DeepSeek-V3.2 technical report; as implemented in slime).
+
+        KL_b = Σ_t m (log π_old - log π_θ) / max(Σ_t m, 1),   Ā_b = Σ_t m A / max(Σ_t m, 1)
+        reject b  iff  Ā_b < 0 and KL_b > δ;  a rejected sequence is masked on every token.
+    Inputs `[B, T]` (advantages may be `[B]`). Returns the new loss mask (same dtype as the input,
+    detached) and `opd/opsm_rejected` (count of rejected sequences). Only valid tokens enter the sums.
+    """
+    _check_shapes(student_logprobs_B_T=student_logprobs_B_T, old_logprobs_B_T=old_logprobs_B_T,
+                  loss_mask_B_T=loss_mask_B_T)
+    if advantages_B_T.dim() == 1:
+        advantages_B_T = advantages_B_T[:, None].expand(loss_mask_B_T.shape)
+    _check_shapes(advantages_B_T=advantages_B_T, loss_mask_B_T=loss_mask_B_T)
+    active_B_T = loss_mask_B_T != 0
+    zeros_B_T = torch.zeros(loss_mask_B_T.shape, dtype=torch.float32, device=loss_mask_B_T.device)
+    count_B = active_B_T.sum(-1).clamp(min=1).float()
+    kl_B = torch.where(active_B_T, old_logprobs_B_T.float() - student_logprobs_B_T.float(), zeros_B_T).sum(-1) / count_B
+    adv_B = torch.where(active_B_T, advantages_B_T.float(), zeros_B_T).sum(-1) / count_B
+    rejected_B = (adv_B < 0) & (kl_B > delta)
+    new_mask_B_T = torch.where(rejected_B[:, None], torch.zeros_like(loss_mask_B_T), loss_mask_B_T)
+    return new_mask_B_T, {"opd/opsm_rejected": rejected_B.sum().float()}
