@@ -1,0 +1,128 @@
+"""Evaluation: greedy accuracy, the teacher-trace log-prob gap, and sampled reverse KL.
+
+The teacher-trace gap (the validation signal of privileged-context OPD): the teacher
+decodes greedily from its own (possibly privileged) prompt; the same tokens are scored by
+the teacher under its prompt and by the student under the student prompt. The gap is the
+token-weighted student NLL minus teacher NLL over the whole trace, the part before the
+final answer, and the final-answer span. It falls as the student learns what the
+teacher knows; it is 0 for a student identical to the teacher on the same prompt.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from opd.rollout import Sampling
+from opd.rollout.hf import HFRolloutEngine
+from opd.tasks import FINAL_RE, Example, grade
+from opd.teacher.hf import score_tokens
+from opd.tokenization import render_prompt
+
+SPANS = ("", "_pre_final", "_final")  # whole trace, before the final answer, the final answer
+
+
+@torch.no_grad()
+def greedy_accuracy(model, tokenizer, examples: list[Example], max_new_tokens: int = 64, teacher_prompt: bool = False,
+                    batch_size: int = 256) -> tuple[float, list[str]]:
+    """(fraction graded correct, decoded completions) of greedy decoding from each prompt."""
+    prompts = [render_prompt(tokenizer, ex.teacher_prompt if teacher_prompt else ex.prompt) for ex in examples]
+    engine = HFRolloutEngine(model, tokenizer, batch_size=batch_size)
+    rollouts = engine.generate(prompts, n=1, sampling=Sampling(greedy=True, max_new_tokens=max_new_tokens), seed=0)
+    texts = [tokenizer.decode(r.completion_ids, skip_special_tokens=True) for r in rollouts]
+    correct = sum(grade(text, ex.answer) for text, ex in zip(texts, examples, strict=True))
+    return correct / max(len(examples), 1), texts
+
+
+def final_answer_span(tokenizer, completion_ids: list[int]) -> tuple[int, int] | None:
+    """Token range [start, end) of the answer on the last `Final:` line, or None if there is none.
+
+    Character offsets come from decoding prefixes of the very ids generated, so a token
+    that merges the answer's first character with a space (`Ġ-`) is counted in the span.
+    """
+    text = tokenizer.decode(completion_ids, skip_special_tokens=True)
+    lines = text.splitlines(keepends=True)
+    offset = len(text)
+    for line in reversed(lines):
+        offset -= len(line)
+        match = FINAL_RE.match(line.rstrip("\r\n"))
+        if line.strip() and match:
+            answer_start, answer_end = offset + match.start(1), offset + match.end(1)
+            break
+        if line.strip():
+            return None
+    else:
+        return None
+    if answer_end <= answer_start:
+        return None
+    start = end = None
+    for i in range(len(completion_ids)):
+        decoded = len(tokenizer.decode(completion_ids[: i + 1], skip_special_tokens=True))  # chars up to token i
+        if start is None and decoded > answer_start:
+            start = i
+        if decoded >= answer_end:
+            end = i + 1
+            break
+    return (start, end) if start is not None and end is not None else None
+
+
+class Evaluator:
+    """Held-out metrics of a student against a frozen teacher; the teacher's side is computed once."""
+
+    def __init__(self, teacher, tokenizer, teacher_tokenizer, examples: list[Example], temperature: float,
+                 max_new_tokens: int, seed: int = 0):
+        self.tokenizer, self.examples, self.temperature = tokenizer, examples, temperature
+        self.max_new_tokens, self.seed = max_new_tokens, seed
+        self.teacher = teacher
+        self.prompts = [render_prompt(tokenizer, ex.prompt) for ex in examples]
+        self.teacher_prompts = [render_prompt(teacher_tokenizer, ex.teacher_prompt) for ex in examples]
+        greedy = Sampling(greedy=True, max_new_tokens=max_new_tokens)
+        traces = HFRolloutEngine(teacher, teacher_tokenizer).generate(self.teacher_prompts, 1, greedy, seed=0)
+        self.traces = [r.completion_ids for r in traces]
+        texts = [teacher_tokenizer.decode(t, skip_special_tokens=True) for t in self.traces]
+        self.teacher_accuracy = sum(grade(t, ex.answer) for t, ex in zip(texts, examples, strict=True)) / len(examples)
+        teacher_scores = score_tokens(teacher, self.teacher_prompts, self.traces, temperature)
+        self.teacher_nll = [-s.logprobs_R for s in teacher_scores]
+        self.spans = [final_answer_span(teacher_tokenizer, t) for t in self.traces]
+
+    @torch.no_grad()
+    def __call__(self, student) -> dict:
+        accuracy, texts = greedy_accuracy(student, self.tokenizer, self.examples, self.max_new_tokens)
+        student_nll = [-s.logprobs_R for s in score_tokens(student, self.prompts, self.traces, self.temperature)]
+        metrics = {"eval/student_accuracy": accuracy, "eval/teacher_accuracy": self.teacher_accuracy}
+        metrics |= trace_gap(student_nll, self.teacher_nll, self.spans)
+        metrics |= self.sampled_metrics(student)
+        metrics["eval/samples"] = [f"{ex.prompt[-1]['content']!r} -> {t!r}" for ex, t in zip(self.examples, texts)]
+        return metrics
+
+    def sampled_metrics(self, student) -> dict:
+        """Sampled reverse KL and perplexities on one student sample per held-out prompt."""
+        engine = HFRolloutEngine(student, self.tokenizer)
+        sampling = Sampling(temperature=self.temperature, max_new_tokens=self.max_new_tokens)
+        rollouts = engine.generate(self.prompts, 1, sampling, seed=self.seed)
+        teacher = score_tokens(self.teacher, self.teacher_prompts, [r.completion_ids for r in rollouts], self.temperature)
+        p = torch.cat([torch.tensor(r.sampler_logprobs) for r in rollouts])
+        q = torch.cat([s.logprobs_R for s in teacher])
+        n = max(p.numel(), 1)
+        return {"eval/sampled_reverse_kl": ((p - q).sum() / n).item(), "eval/student_ppl": torch.exp(-p.sum() / n).item(),
+                "eval/teacher_ppl": torch.exp(-q.sum() / n).item(), "eval/active_tokens": float(p.numel()),
+                "eval/mean_length": p.numel() / len(rollouts),
+                "eval/truncated_fraction": sum(r.finish_reason == "length" for r in rollouts) / len(rollouts)}
+
+
+def trace_gap(student_nll: list[torch.Tensor], teacher_nll: list[torch.Tensor], spans: list[tuple[int, int] | None]) -> dict:
+    """Token-weighted NLLs and gap (student - teacher) over the whole trace, pre-final and final spans."""
+    sums = {name: [0.0, 0.0, 0] for name in SPANS}  # student, teacher, tokens
+    for s, t, span in zip(student_nll, teacher_nll, spans, strict=True):
+        parts = {"": slice(None)}
+        if span is not None:
+            parts |= {"_pre_final": slice(0, span[0]), "_final": slice(span[0], span[1])}
+        for name, part in parts.items():
+            sums[name][0] += s[part].sum().item()
+            sums[name][1] += t[part].sum().item()
+            sums[name][2] += s[part].numel()
+    out = {}
+    for name, (s, t, n) in sums.items():
+        if n:
+            out |= {f"eval/trace_student_nll{name}": s / n, f"eval/trace_teacher_nll{name}": t / n,
+                    f"eval/trace_gap{name}": (s - t) / n, f"eval/trace_tokens{name}": float(n)}
+    return out

@@ -1,0 +1,187 @@
+"""The one training loop of on-policy distillation (STYLE.md §1).
+
+Per step: the student samples G completions of P prompts; the frozen teacher scores
+exactly those tokens (under its own, possibly privileged, prompt); collate builds one
+Batch; micro-batched forward/backward with the step's global token count as the loss
+normalizer (DESIGN.md §4); clip; AdamW; sync weights to the rollout engine; log; eval;
+checkpoint. Objective and advantages follow Thinking Machines' "On-Policy Distillation"
+(2025) and tinker-cookbook's `distillation/train_on_policy.py`.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from opd import checkpoint
+from opd.batch import collate
+from opd.config import TrainConfig
+from opd.evaluate import Evaluator
+from opd.logprobs import masked_mean, token_logprobs
+from opd.losses import (generalized_jsd_loss, grpo_advantages, importance_sampling_loss,
+                        opsm_mask, reverse_kl_advantages, topk_forward_kl_loss)
+from opd.metrics import MetricsWriter
+from opd.models import load_pair
+from opd.rollout import make_rollout_engine
+from opd.tasks import grade, load_task
+from opd.teacher import make_teacher_scorer
+from opd.tokenization import render_prompt
+from opd.types import Batch, Rollout
+
+
+def train(config: TrainConfig) -> Path:
+    """Distil `config.student` from `config.teacher`; returns the run folder."""
+    run_dir = Path(config.out_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(config.seed)
+    teacher, student, tokenizer, teacher_tokenizer = load_pair(config)
+    examples = load_task(config.task, "train", config.train_size, config.seed, config.data_dir)
+    eval_examples = load_task(config.task, "test", config.eval_size, config.seed, config.data_dir)
+    prompts = [render_prompt(tokenizer, ex.prompt) for ex in examples]
+    teacher_prompts = [render_prompt(teacher_tokenizer, ex.teacher_prompt) for ex in examples]
+    engine = make_rollout_engine(config.rollout_backend, student, tokenizer)
+    scorer = make_teacher_scorer(config.teacher_backend, teacher)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config))
+
+    start_step = 0
+    if config.resume and (latest := checkpoint.latest(run_dir)) is not None:
+        start_step = checkpoint.load(latest, student, optimizer, scheduler)
+        engine.load_weights(student)
+    evaluate = Evaluator(teacher, tokenizer, teacher_tokenizer, eval_examples, config.temperature, config.max_new_tokens,
+                         seed=config.seed)
+    writer = MetricsWriter(run_dir, config, start_step)
+    if start_step == 0:
+        writer.log(0, evaluate(student), samples=True)
+
+    for step in range(start_step + 1, config.steps + 1):
+        t0 = time.perf_counter()
+        chosen_P = step_prompts(len(prompts), config.prompts_per_step, config.seed, step)
+        rollouts_PG = engine.generate([prompts[i] for i in chosen_P], config.completions_per_prompt,
+                                      config.sampling, seed=config.seed * 1_000_003 + step)
+        attach(rollouts_PG, chosen_P, teacher_prompts, examples, tokenizer)
+        t1 = time.perf_counter()
+        scores = scorer.score(rollouts_PG, config.temperature, topk=config.topk if config.loss == "topk_kl" else 0,
+                              full_logits=config.loss == "jsd")
+        task_advantages_B = task_advantages(rollouts_PG, config)
+        batch = collate(rollouts_PG, scores, tokenizer.pad_token_id, advantages_B=task_advantages_B)
+        t2 = time.perf_counter()
+        metrics = train_step(student, optimizer, batch, config)
+        scheduler.step()
+        engine.load_weights(student)
+        t3 = time.perf_counter()
+
+        completion_tokens = sum(len(r.completion_ids) for r in rollouts_PG)
+        metrics |= batch_metrics(batch, rollouts_PG) | {
+            "train/lr": scheduler.get_last_lr()[0], "perf/generate_s": t1 - t0, "perf/score_s": t2 - t1,
+            "perf/train_s": t3 - t2, "perf/step_s": t3 - t0, "perf/tokens_per_s": completion_tokens / (t3 - t0)}
+        last = step == config.steps
+        if last or (config.eval_every and step % config.eval_every == 0):
+            metrics |= evaluate(student)
+        writer.log(step, metrics, samples=any(k.startswith("eval/") for k in metrics))
+        if last or (config.save_every and step % config.save_every == 0):
+            checkpoint.save(run_dir, step, student, tokenizer, optimizer, scheduler, config)
+    writer.close()
+    checkpoint.save_final(run_dir, student, tokenizer)
+    return run_dir
+
+
+def lr_factor(step: int, config: TrainConfig) -> float:
+    """Linear warm-up, then constant, cosine or linear decay to 0 at `config.steps`."""
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(config.steps - config.warmup_steps, 1)
+    if config.lr_schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    if config.lr_schedule == "linear":
+        return max(1.0 - progress, 0.0)
+    return 1.0
+
+
+def step_prompts(n_prompts: int, k: int, seed: int, step: int) -> list[int]:
+    """The step's prompt indices: a pure function of (seed, step), so a resumed run sees the same data."""
+    return random.Random(f"{seed}:{step}").sample(range(n_prompts), min(k, n_prompts))
+
+
+def attach(rollouts: list[Rollout], chosen_P: list[int], teacher_prompts: list[list[int]], examples, tokenizer) -> None:
+    """Give each rollout its teacher prompt, expected answer and graded reward."""
+    for r in rollouts:
+        index = chosen_P[r.prompt_index]
+        r.teacher_prompt_ids = teacher_prompts[index]
+        r.expected_answer = examples[index].answer
+        r.reward = float(grade(tokenizer.decode(r.completion_ids, skip_special_tokens=True), r.expected_answer))
+
+
+def task_advantages(rollouts: list[Rollout], config: TrainConfig) -> torch.Tensor | None:
+    """GRPO advantages of the graded rewards when the task reward is mixed in; None for pure OPD."""
+    if not config.task_reward:
+        return None
+    rewards_B = torch.tensor([r.reward for r in rollouts], dtype=torch.float32)
+    prompt_index_B = torch.tensor([r.prompt_index for r in rollouts])
+    return grpo_advantages(rewards_B, prompt_index_B, scale_by_std=config.grpo_scale_std)
+
+
+def train_step(student: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: Batch, config: TrainConfig) -> dict:
+    """One optimizer step over all micro-batches; every micro-loss divides by the step's token count."""
+    student.train()
+    num_tokens = batch.num_tokens
+    device = next(student.parameters()).device
+    totals: dict[str, float] = {}
+    for start in range(0, batch.tokens_B_L.shape[0], config.micro_batch_size):
+        micro = batch.select(slice(start, start + config.micro_batch_size)).to(device)
+        loss, metrics = micro_loss(student, micro, config, num_tokens)
+        loss.backward()
+        weight = micro.num_tokens / max(num_tokens, 1)  # token-weighted mean of per-micro-batch means
+        totals["train/loss"] = totals.get("train/loss", 0.0) + loss.item()
+        for key, value in metrics.items():
+            scale = 1.0 if key == "opd/opsm_rejected" else weight
+            totals[key] = totals.get(key, 0.0) + float(value) * scale
+    max_norm = config.grad_clip if config.grad_clip > 0 else float("inf")
+    totals["train/grad_norm"] = torch.nn.utils.clip_grad_norm_(student.parameters(), max_norm).item()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return totals
+
+
+def micro_loss(student: torch.nn.Module, micro: Batch, config: TrainConfig, num_tokens: int) -> tuple[torch.Tensor, dict]:
+    """The configured loss of one micro-batch, normalized by the step-global `num_tokens`."""
+    logits_B_T_V = student(input_ids=micro.tokens_B_L, attention_mask=micro.attention_mask_B_L).logits[:, :-1]
+    targets_B_T = micro.tokens_B_L[:, 1:]
+    if config.loss == "topk_kl":
+        return topk_forward_kl_loss(logits_B_T_V, micro.teacher_topk_ids_B_T_K, micro.teacher_topk_logprobs_B_T_K,
+                                    micro.loss_mask_B_T, num_tokens, temperature=config.divergence_temperature,
+                                    tail_bucket=config.tail_bucket, sampled_ids_B_T=targets_B_T)
+    if config.loss == "jsd":
+        return generalized_jsd_loss(logits_B_T_V, micro.teacher_logits_B_T_V, micro.loss_mask_B_T, num_tokens,
+                                    beta=config.jsd_beta, temperature=config.divergence_temperature)
+    student_logprobs_B_T = token_logprobs(logits_B_T_V, targets_B_T, temperature=config.temperature,
+                                          top_k=config.top_k, top_p=config.top_p)
+    advantages_B_T = reverse_kl_advantages(micro.sampler_logprobs_B_T, micro.teacher_logprobs_B_T,
+                                           micro.loss_mask_B_T, kl_coef=config.kl_coef, discount=config.discount)
+    if micro.advantages_B_T is not None:  # OPD + task reward: Â = A_task − λ·m·(p − q), before any normalization
+        advantages_B_T = micro.advantages_B_T + advantages_B_T
+    loss_mask_B_T, opsm_metrics = micro.loss_mask_B_T, {}
+    if config.opsm_delta is not None:
+        loss_mask_B_T, opsm_metrics = opsm_mask(student_logprobs_B_T.detach(), micro.sampler_logprobs_B_T,
+                                                advantages_B_T, loss_mask_B_T, delta=config.opsm_delta)
+    loss, metrics = importance_sampling_loss(student_logprobs_B_T, micro.sampler_logprobs_B_T, advantages_B_T,
+                                             loss_mask_B_T, num_tokens, log_ratio_cap=config.log_ratio_cap)
+    return loss, metrics | opsm_metrics
+
+
+def batch_metrics(batch: Batch, rollouts: list[Rollout]) -> dict[str, float]:
+    """Sample-level metrics of DESIGN.md §6, whatever the loss."""
+    mask_B_T = batch.loss_mask_B_T
+    return {
+        "opd/active_tokens": float(batch.num_tokens),
+        "opd/sampled_reverse_kl": masked_mean(batch.sampler_logprobs_B_T - batch.teacher_logprobs_B_T, mask_B_T).item(),
+        "opd/teacher_nll": masked_mean(-batch.teacher_logprobs_B_T, mask_B_T).item(),
+        "opd/sampler_nll": masked_mean(-batch.sampler_logprobs_B_T, mask_B_T).item(),
+        "gen/mean_length": sum(len(r.completion_ids) for r in rollouts) / len(rollouts),
+        "gen/truncated_fraction": sum(r.finish_reason == "length" for r in rollouts) / len(rollouts),
+        "task/reward": sum(r.reward for r in rollouts) / len(rollouts),
+    }
