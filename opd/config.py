@@ -19,6 +19,7 @@ LOSSES = ("reverse_kl", "topk_kl", "jsd")
 SCHEDULES = ("constant", "cosine", "linear")
 TASKS = ("arithmetic", "gsm8k", "gsm8k_privileged")
 BACKENDS = ("hf", "vllm")
+TEACHER_BACKENDS = ("hf", "vllm", "served")
 DTYPES = ("float32", "bfloat16")
 TINY_ALIASES = ("tiny:teacher", "tiny:student")
 
@@ -41,7 +42,8 @@ class TrainConfig:
     top_k: int = 0  # sampler top-k truncation (0 = off)
     top_p: float = 1.0  # sampler nucleus truncation (1.0 = off)
     rollout_backend: str = "hf"  # "hf" or "vllm"
-    teacher_backend: str = "hf"  # "hf" or "vllm"
+    teacher_backend: str = "hf"  # "hf" (in-process), "vllm" (in-process engine) or "served" (`vllm serve` over HTTP)
+    teacher_url: str | None = None  # served teacher: base URL(s) of `vllm serve`, comma-separated for several
     # loss
     loss: str = "reverse_kl"  # sampled-token reverse KL (IS policy gradient), "topk_kl" or "jsd"
     kl_coef: float = 1.0  # c (pure OPD) or λ (OPD + task reward) on the per-token reverse-KL advantage
@@ -90,7 +92,9 @@ class TrainConfig:
         _one_of("loss", self.loss, LOSSES)
         _one_of("lr_schedule", self.lr_schedule, SCHEDULES)
         _one_of("rollout_backend", self.rollout_backend, BACKENDS)
-        _one_of("teacher_backend", self.teacher_backend, BACKENDS)
+        _one_of("teacher_backend", self.teacher_backend, TEACHER_BACKENDS)
+        if (self.teacher_backend == "served") != (self.teacher_url is not None):
+            raise ValueError("teacher_url is needed exactly when teacher_backend=served (e.g. teacher_url=http://host:8000)")
         _one_of("dtype", self.dtype, DTYPES)
         for name in ("prompts_per_step", "completions_per_prompt", "max_new_tokens", "steps", "micro_batch_size",
                      "topk", "train_size", "eval_size"):

@@ -44,7 +44,8 @@ def train(config: TrainConfig) -> Path:
     prompts = [render_prompt(tokenizer, ex.prompt) for ex in examples]
     teacher_prompts = [render_prompt(teacher_tokenizer, ex.teacher_prompt) for ex in examples]
     engine = make_rollout_engine(config.rollout_backend, student, tokenizer)
-    scorer = make_teacher_scorer(config.teacher_backend, teacher)
+    scorer = make_teacher_scorer(config.teacher_backend, teacher, url=config.teacher_url,
+                                 name=config.teacher)
     optimizer = torch.optim.AdamW(student.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config))
 

@@ -29,7 +29,9 @@ class TeacherScorer(Protocol):
         ...
 
 
-def make_teacher_scorer(backend: str, model: torch.nn.Module, batch_size: int = 64) -> TeacherScorer:
+def make_teacher_scorer(backend: str, model: torch.nn.Module, batch_size: int = 64, url: str | None = None,
+                        name: str | None = None) -> TeacherScorer:
+    """`url`, `name`: for the served teacher, the `vllm serve` base URL(s) and its served model name."""
     if backend == "hf":
         from opd.teacher.hf import HFTeacherScorer
 
@@ -38,4 +40,8 @@ def make_teacher_scorer(backend: str, model: torch.nn.Module, batch_size: int = 
         from opd.teacher.vllm import VLLMTeacherScorer  # optional dependency, GPU only
 
         return VLLMTeacherScorer(model)
-    raise ValueError(f"unknown teacher backend {backend!r}; accepted: 'hf', 'vllm'")
+    if backend == "served":
+        from opd.teacher.served import ServedTeacherScorer
+
+        return ServedTeacherScorer(url.split(","), model_name=name)
+    raise ValueError(f"unknown teacher backend {backend!r}; accepted: 'hf', 'vllm', 'served'")
