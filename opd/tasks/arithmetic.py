@@ -17,10 +17,10 @@ def _is_test_problem(problem: str) -> bool:
     return int(hashlib.sha1(problem.encode()).hexdigest(), 16) % 10 == 0
 
 
-def make_problem(rng: random.Random) -> tuple[str, str, str]:
-    """(problem text, worked solution, answer) for one random problem."""
+def make_problem(rng: random.Random, max_operand: int = 100) -> tuple[str, str, str]:
+    """(problem text, worked solution, answer) for one random problem, operands in [0, max_operand)."""
     n_operands = rng.choice((2, 3))
-    operands = [rng.randrange(100) for _ in range(n_operands)]
+    operands = [rng.randrange(max_operand) for _ in range(n_operands)]
     ops = [rng.choice("+-") for _ in range(n_operands - 1)]
     problem = str(operands[0]) + "".join(f"{op}{x}" for op, x in zip(ops, operands[1:], strict=True))
     lines, value = [], operands[0]
@@ -32,7 +32,7 @@ def make_problem(rng: random.Random) -> tuple[str, str, str]:
     return problem, "\n".join(lines), str(value)
 
 
-def arithmetic_examples(n: int, split: str = "train", seed: int = 0) -> list[Example]:
+def arithmetic_examples(n: int, split: str = "train", seed: int = 0, max_operand: int = 100) -> list[Example]:
     """`n` distinct problems of one split ('train' or 'test'), deterministic in `seed`."""
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
@@ -40,7 +40,7 @@ def arithmetic_examples(n: int, split: str = "train", seed: int = 0) -> list[Exa
     want_test = split == "test"
     examples, seen = [], set()
     while len(examples) < n:
-        problem, solution, answer = make_problem(rng)
+        problem, solution, answer = make_problem(rng, max_operand)
         if _is_test_problem(problem) != want_test or problem in seen:
             continue
         seen.add(problem)
