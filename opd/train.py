@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from opd import checkpoint
+from opd import checkpoint, distributed
 from opd.batch import collate
 from opd.config import TrainConfig
 from opd.evaluate import Evaluator
@@ -33,8 +33,12 @@ from opd.tokenization import render_prompt
 from opd.types import Batch, Rollout
 
 
+SUMMED = {"train/loss", "opd/opsm_rejected"}  # metrics that add up over micro-batches and ranks
+
+
 def train(config: TrainConfig) -> Path:
-    """Distil `config.student` from `config.teacher`; returns the run folder."""
+    """Distil `config.student` from `config.teacher`; returns the run folder. Under torchrun, ranks share each step."""
+    d = distributed.init()
     run_dir = Path(config.out_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
@@ -53,17 +57,18 @@ def train(config: TrainConfig) -> Path:
     if config.resume and (latest := checkpoint.latest(run_dir)) is not None:
         start_step = checkpoint.load(latest, student, optimizer, scheduler)
         engine.load_weights(student)
-    evaluate = Evaluator(teacher, tokenizer, teacher_tokenizer, eval_examples, config.temperature, config.max_new_tokens,
-                         seed=config.seed)
-    writer = MetricsWriter(run_dir, config, start_step)
-    if start_step == 0:
-        writer.log(0, evaluate(student), samples=True)
+    if d.main:  # only rank 0 evaluates, logs and saves
+        evaluate = Evaluator(teacher, tokenizer, teacher_tokenizer, eval_examples, config.temperature,
+                             config.max_new_tokens, seed=config.seed)
+        writer = MetricsWriter(run_dir, config, start_step)
+        if start_step == 0:
+            writer.log(0, evaluate(student), samples=True)
 
     for step in range(start_step + 1, config.steps + 1):
         t0 = time.perf_counter()
-        chosen_P = step_prompts(len(prompts), config.prompts_per_step, config.seed, step)
+        chosen_P = distributed.shard(step_prompts(len(prompts), config.prompts_per_step, config.seed, step), d)
         rollouts_PG = engine.generate([prompts[i] for i in chosen_P], config.completions_per_prompt,
-                                      config.sampling, seed=config.seed * 1_000_003 + step)
+                                      config.sampling, seed=config.seed * 1_000_003 + step + 7919 * d.rank)
         attach(rollouts_PG, chosen_P, teacher_prompts, examples, tokenizer)
         t1 = time.perf_counter()
         scores = scorer.score(rollouts_PG, config.temperature, topk=config.topk if config.loss == "topk_kl" else 0,
@@ -71,23 +76,30 @@ def train(config: TrainConfig) -> Path:
         task_advantages_B = task_advantages(rollouts_PG, config)
         batch = collate(rollouts_PG, scores, tokenizer.pad_token_id, advantages_B=task_advantages_B)
         t2 = time.perf_counter()
-        metrics = train_step(student, optimizer, batch, config)
+        num_tokens = int(distributed.all_sum(batch.num_tokens, d))  # the step-global normalizer
+        metrics = train_step(student, optimizer, batch, config, num_tokens, d)
         scheduler.step()
         engine.load_weights(student)
         t3 = time.perf_counter()
 
         completion_tokens = sum(len(r.completion_ids) for r in rollouts_PG)
-        metrics |= batch_metrics(batch, rollouts_PG) | {
-            "train/lr": scheduler.get_last_lr()[0], "perf/generate_s": t1 - t0, "perf/score_s": t2 - t1,
-            "perf/train_s": t3 - t2, "perf/step_s": t3 - t0, "perf/tokens_per_s": completion_tokens / (t3 - t0)}
+        metrics = distributed.weighted_mean_metrics(metrics | batch_metrics(batch, rollouts_PG), batch.num_tokens, d)
+        metrics |= {"opd/active_tokens": float(num_tokens), "train/lr": scheduler.get_last_lr()[0],
+                    "perf/generate_s": t1 - t0, "perf/score_s": t2 - t1, "perf/train_s": t3 - t2,
+                    "perf/step_s": t3 - t0, "perf/tokens_per_s": d.world * completion_tokens / (t3 - t0)}
         last = step == config.steps
+        if not d.main:
+            continue
         if last or (config.eval_every and step % config.eval_every == 0):
             metrics |= evaluate(student)
         writer.log(step, metrics, samples=any(k.startswith("eval/") for k in metrics))
         if last or (config.save_every and step % config.save_every == 0):
             checkpoint.save(run_dir, step, student, tokenizer, optimizer, scheduler, config)
-    writer.close()
-    checkpoint.save_final(run_dir, student, tokenizer)
+    if d.main:
+        writer.close()
+        checkpoint.save_final(run_dir, student, tokenizer)
+    distributed.barrier(d)
+    distributed.close(d)
     return run_dir
 
 
@@ -126,21 +138,23 @@ def task_advantages(rollouts: list[Rollout], config: TrainConfig) -> torch.Tenso
     return grpo_advantages(rewards_B, prompt_index_B, scale_by_std=config.grpo_scale_std)
 
 
-def train_step(student: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: Batch, config: TrainConfig) -> dict:
-    """One optimizer step over all micro-batches; every micro-loss divides by the step's token count."""
+def train_step(student: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: Batch, config: TrainConfig,
+               num_tokens: int, d: distributed.Dist = distributed.Dist()) -> dict:
+    """One optimizer step over all micro-batches; every micro-loss divides by the step-global `num_tokens`."""
     student.train()
-    num_tokens = batch.num_tokens
     device = next(student.parameters()).device
     totals: dict[str, float] = {}
     for start in range(0, batch.tokens_B_L.shape[0], config.micro_batch_size):
         micro = batch.select(slice(start, start + config.micro_batch_size)).to(device)
         loss, metrics = micro_loss(student, micro, config, num_tokens)
         loss.backward()
-        weight = micro.num_tokens / max(num_tokens, 1)  # token-weighted mean of per-micro-batch means
+        weight = micro.num_tokens / max(batch.num_tokens, 1)  # token-weighted mean of per-micro-batch means
         totals["train/loss"] = totals.get("train/loss", 0.0) + loss.item()
         for key, value in metrics.items():
-            scale = 1.0 if key == "opd/opsm_rejected" else weight
-            totals[key] = totals.get(key, 0.0) + float(value) * scale
+            totals[key] = totals.get(key, 0.0) + float(value) * (1.0 if key in SUMMED else weight)
+    for key in SUMMED.intersection(totals):  # so that the token-weighted mean over ranks is the global sum
+        totals[key] *= num_tokens / max(batch.num_tokens, 1)
+    distributed.sum_gradients(student, d)
     max_norm = config.grad_clip if config.grad_clip > 0 else float("inf")
     totals["train/grad_norm"] = torch.nn.utils.clip_grad_norm_(student.parameters(), max_norm).item()
     optimizer.step()
