@@ -14,16 +14,24 @@ from opd.teacher import TeacherScores
 from opd.types import Batch, Rollout
 
 
+def right_pad(seqs: list[list[int]], pad_id: int, min_width: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens_B_L, attention_mask_B_L): sequences right-padded with `pad_id`, mask 1 on real tokens."""
+    width = max([min_width, *(len(s) for s in seqs)])
+    tokens_B_L = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    attention_mask_B_L = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, seq in enumerate(seqs):
+        tokens_B_L[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        attention_mask_B_L[row, : len(seq)] = 1
+    return tokens_B_L, attention_mask_B_L
+
+
 def collate(rollouts: list[Rollout], scores: list[TeacherScores], pad_id: int,
             advantages_B: torch.Tensor | None = None) -> Batch:
     """Right-padded tokens and every per-token tensor a loss needs, zero (or -inf) where masked."""
     if len(rollouts) != len(scores) or not rollouts:
         raise ValueError(f"collate needs one teacher score per rollout, got {len(rollouts)} rollouts, {len(scores)} scores")
-    B = len(rollouts)
-    L = max(len(r.prompt_ids) + len(r.completion_ids) for r in rollouts)
-    L = max(L, 2)
-    tokens_B_L = torch.full((B, L), pad_id, dtype=torch.long)
-    attention_mask_B_L = torch.zeros((B, L), dtype=torch.long)
+    tokens_B_L, attention_mask_B_L = right_pad([r.prompt_ids + r.completion_ids for r in rollouts], pad_id)
+    B, L = tokens_B_L.shape
     sampler_B_T = torch.zeros((B, L - 1))
     teacher_B_T = torch.zeros((B, L - 1))
     first = scores[0]
@@ -41,8 +49,6 @@ def collate(rollouts: list[Rollout], scores: list[TeacherScores], pad_id: int,
         if R and not torch.isfinite(s.logprobs_R).all():
             raise ValueError(f"row {b}: teacher logprob is not finite at completion positions "
                              f"{torch.nonzero(~torch.isfinite(s.logprobs_R)).flatten().tolist()}")
-        tokens_B_L[b, : P + R] = torch.tensor(r.prompt_ids + r.completion_ids)
-        attention_mask_B_L[b, : P + R] = 1
         span = slice(P - 1, P - 1 + R)
         sampler_B_T[b, span] = torch.tensor(r.sampler_logprobs)
         teacher_B_T[b, span] = s.logprobs_R

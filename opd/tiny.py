@@ -22,6 +22,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from opd.batch import right_pad
 from opd.evaluate import greedy_accuracy
 from opd.tasks import Example, arithmetic_examples, gsm8k_examples
 from opd.tokenization import encode_completion, render_prompt
@@ -97,14 +98,10 @@ def make_model(spec: TinySpec, tokenizer: PreTrainedTokenizerFast, seed: int) ->
 def sft_batch(tokenizer, examples: list[Example]) -> dict[str, torch.Tensor]:
     """Right-padded prompt + solution + eos, labels only on the completion (eos included)."""
     rows = [(render_prompt(tokenizer, ex.prompt), encode_completion(tokenizer, ex.solution)) for ex in examples]
-    width = max(len(p) + len(c) for p, c in rows)
-    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id)
-    labels = torch.full((len(rows), width), -100)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    input_ids, attention_mask = right_pad([p + c for p, c in rows], tokenizer.pad_token_id)
+    labels = torch.full_like(input_ids, -100)
     for i, (p, c) in enumerate(rows):
-        input_ids[i, : len(p) + len(c)] = torch.tensor(p + c)
         labels[i, len(p) : len(p) + len(c)] = torch.tensor(c)
-        attention_mask[i, : len(p) + len(c)] = 1
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from opd.batch import right_pad
 from opd.logprobs import token_logprobs
 from opd.teacher import TeacherScores
 from opd.types import Rollout
@@ -39,13 +40,7 @@ def score_tokens(model: torch.nn.Module, prompts: list[list[int]], completions: 
 def _score_chunk(model, prompts, completions, temperature, topk, full_logits) -> list[TeacherScores]:
     device = next(model.parameters()).device
     pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
-    seqs = [p + c for p, c in zip(prompts, completions, strict=True)]
-    width = max(max(len(s) for s in seqs), 2)
-    tokens_B_L = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    attention_mask_B_L = torch.zeros_like(tokens_B_L)
-    for row, seq in enumerate(seqs):
-        tokens_B_L[row, : len(seq)] = torch.tensor(seq)
-        attention_mask_B_L[row, : len(seq)] = 1
+    tokens_B_L, attention_mask_B_L = right_pad([p + c for p, c in zip(prompts, completions, strict=True)], pad_id)
     tokens_B_L, attention_mask_B_L = tokens_B_L.to(device), attention_mask_B_L.to(device)
     logits_B_T_V = model(input_ids=tokens_B_L, attention_mask=attention_mask_B_L).logits[:, :-1]
     logprobs_B_T = token_logprobs(logits_B_T_V, tokens_B_L[:, 1:], temperature=temperature).cpu()
