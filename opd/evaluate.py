@@ -28,7 +28,12 @@ def greedy_accuracy(model, tokenizer, examples: list[Example], max_new_tokens: i
     prompts = [render_prompt(tokenizer, ex.teacher_prompt if teacher_prompt else ex.prompt) for ex in examples]
     engine = HFRolloutEngine(model, tokenizer, batch_size=batch_size)
     rollouts = engine.generate(prompts, n=1, sampling=Sampling(greedy=True, max_new_tokens=max_new_tokens), seed=0)
-    texts = [tokenizer.decode(r.completion_ids, skip_special_tokens=True) for r in rollouts]
+    return graded(tokenizer, [r.completion_ids for r in rollouts], examples)
+
+
+def graded(tokenizer, completions: list[list[int]], examples: list[Example]) -> tuple[float, list[str]]:
+    """(fraction graded correct, decoded texts) of one completion per example."""
+    texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in completions]
     correct = sum(grade(text, ex.answer) for text, ex in zip(texts, examples, strict=True))
     return correct / max(len(examples), 1), texts
 
@@ -78,8 +83,7 @@ class Evaluator:
         greedy = Sampling(greedy=True, max_new_tokens=max_new_tokens)
         traces = HFRolloutEngine(teacher, teacher_tokenizer).generate(self.teacher_prompts, 1, greedy, seed=0)
         self.traces = [r.completion_ids for r in traces]
-        texts = [teacher_tokenizer.decode(t, skip_special_tokens=True) for t in self.traces]
-        self.teacher_accuracy = sum(grade(t, ex.answer) for t, ex in zip(texts, examples, strict=True)) / len(examples)
+        self.teacher_accuracy, _ = graded(teacher_tokenizer, self.traces, examples)
         teacher_scores = score_tokens(teacher, self.teacher_prompts, self.traces, temperature)
         self.teacher_nll = [-s.logprobs_R for s in teacher_scores]
         self.spans = [final_answer_span(teacher_tokenizer, t) for t in self.traces]
