@@ -43,6 +43,11 @@ def train(config: TrainConfig) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
     teacher, student, tokenizer, teacher_tokenizer = load_pair(config)
+    if config.fsdp and d.world > 1:
+        if config.prompts_per_step % d.world:  # a sharded forward is a collective: equal rows on every rank
+            raise ValueError(f"fsdp=true needs prompts_per_step ({config.prompts_per_step}) divisible by the "
+                             f"number of processes ({d.world})")
+        distributed.shard_model(student)
     examples = load_task(config.task, "train", config.train_size, config.seed, config.data_dir)
     eval_examples = load_task(config.task, "test", config.eval_size, config.seed, config.data_dir)
     prompts = [render_prompt(tokenizer, ex.prompt) for ex in examples]
@@ -57,12 +62,13 @@ def train(config: TrainConfig) -> Path:
     if config.resume and (latest := checkpoint.latest(run_dir)) is not None:
         start_step = checkpoint.load(latest, student, optimizer, scheduler)
         engine.load_weights(student)
+    plain_student = distributed.unsharded(student, d)  # rank 0's view for eval and saving (a collective under FSDP)
     if d.main:  # only rank 0 evaluates, logs and saves
         evaluate = Evaluator(teacher, tokenizer, teacher_tokenizer, eval_examples, config.temperature,
                              config.max_new_tokens, seed=config.seed)
         writer = MetricsWriter(run_dir, config, start_step)
         if start_step == 0:
-            writer.log(0, evaluate(student), samples=True)
+            writer.log(0, evaluate(plain_student), samples=True)
 
     for step in range(start_step + 1, config.steps + 1):
         t0 = time.perf_counter()
@@ -88,16 +94,21 @@ def train(config: TrainConfig) -> Path:
                     "perf/generate_s": t1 - t0, "perf/score_s": t2 - t1, "perf/train_s": t3 - t2,
                     "perf/step_s": t3 - t0, "perf/tokens_per_s": d.world * completion_tokens / (t3 - t0)}
         last = step == config.steps
+        evaluating = last or (config.eval_every and step % config.eval_every == 0)
+        saving = last or (config.save_every and step % config.save_every == 0)
+        if evaluating or saving:  # collectives under FSDP, so every rank takes part
+            plain_student = distributed.unsharded(student, d)
+            optimizer_state = distributed.optimizer_state(student, optimizer) if saving else None
         if not d.main:
             continue
-        if last or (config.eval_every and step % config.eval_every == 0):
-            metrics |= evaluate(student)
+        if evaluating:
+            metrics |= evaluate(plain_student)
         writer.log(step, metrics, samples=any(k.startswith("eval/") for k in metrics))
-        if last or (config.save_every and step % config.save_every == 0):
-            checkpoint.save(run_dir, step, student, tokenizer, optimizer, scheduler, config)
+        if saving:
+            checkpoint.save(run_dir, step, plain_student, tokenizer, optimizer_state, scheduler, config)
     if d.main:
         writer.close()
-        checkpoint.save_final(run_dir, student, tokenizer)
+        checkpoint.save_final(run_dir, plain_student, tokenizer)
     distributed.barrier(d)
     distributed.close(d)
     return run_dir
