@@ -92,7 +92,8 @@ def test_a_padded_student_trains_exactly_as_the_unpadded_one(teacher, student, t
     def step(model):
         optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         grads = {}
-        optimizer.register_step_pre_hook(lambda *_: grads.update({n: p.grad.clone() for n, p in model.named_parameters()}))
+        keep = lambda *_: grads.update({n: p.grad.clone() for n, p in model.named_parameters()})  # noqa: E731
+        optimizer.register_step_pre_hook(keep)
         metrics = train_step(model, optimizer, batch, config, N, vocab_size=V)
         return metrics, grads, {n: p.detach().clone() for n, p in model.named_parameters()}
 
@@ -180,7 +181,7 @@ LOSSES = [["loss=reverse_kl"], ["loss=topk_kl", "topk=6"], ["loss=topk_kl", "top
 
 
 @pytest.mark.parametrize("tau", [0.7, 1.3])
-@pytest.mark.parametrize("overrides", LOSSES, ids=lambda o: "-".join(x.split("=")[1] for x in o).replace("{other}", "other"))
+@pytest.mark.parametrize("overrides", LOSSES, ids=lambda o: "-".join(x.split("=")[1].strip("{}") for x in o))
 def test_both_sides_of_every_divergence_use_the_same_temperature(student, teacher, tokenizer, tau, overrides):
     """Sampler p, student log π and teacher q at τ; top-k KL and JSD at loss_temperature (τ by default)."""
     other = round(2.0 - tau, 2)  # 0.7 <-> 1.3: an explicit loss temperature that is not τ

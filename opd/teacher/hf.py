@@ -50,7 +50,8 @@ def _score_chunk(model, prompts, completions, temperature, topk, full_logits, vo
     pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     tokens_B_L, attention_mask_B_L = right_pad([p + c for p, c in zip(prompts, completions, strict=True)], pad_id)
     tokens_B_L, attention_mask_B_L = tokens_B_L.to(device), attention_mask_B_L.to(device)
-    logits_B_T_V = vocab_logits(model(input_ids=tokens_B_L, attention_mask=attention_mask_B_L).logits[:, :-1], vocab_size)
+    logits_B_L_V = model(input_ids=tokens_B_L, attention_mask=attention_mask_B_L).logits
+    logits_B_T_V = vocab_logits(logits_B_L_V[:, :-1], vocab_size)
     logprobs_B_T = token_logprobs(logits_B_T_V, tokens_B_L[:, 1:], temperature=temperature).cpu()
     if topk:
         k = min(topk, logits_B_T_V.shape[-1])
