@@ -31,6 +31,7 @@ from opd.tasks import grade, load_task
 from opd.teacher import make_teacher_scorer
 from opd.tokenization import render_prompt, vocab_logits
 from opd.types import Batch, Rollout
+from opd.validate import validate_setup
 
 
 SUMMED = {"train/loss", "opd/opsm_rejected"}  # metrics that add up over micro-batches and ranks
@@ -45,6 +46,7 @@ def train(config: TrainConfig) -> Path:
     teacher, student, tokenizer, teacher_tokenizer = load_pair(config)
     examples = load_task(config.task, "train", config.train_size, config.seed, config.data_dir)
     eval_examples = load_task(config.task, "test", config.eval_size, config.seed, config.data_dir)
+    validate_setup(config.task, examples + eval_examples, teacher, student, teacher_tokenizer, tokenizer)
     prompts = [render_prompt(tokenizer, ex.prompt) for ex in examples]
     teacher_prompts = [render_prompt(teacher_tokenizer, ex.teacher_prompt) for ex in examples]
     engine = make_rollout_engine(config.rollout_backend, student, tokenizer)
