@@ -64,6 +64,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0  # max global grad norm (0 = off)
     micro_batch_size: int = 64  # sequences per forward/backward; gradients accumulate over the step
+    fsdp: bool = False  # torchrun: shard the student with FSDP2 fully_shard (too big for one device)
     dtype: str = "float32"  # student/teacher parameter dtype
     device: str = "auto"  # "auto" picks cuda when available
     # run
@@ -127,6 +128,9 @@ class TrainConfig:
             if self.loss != "reverse_kl":
                 raise ValueError("top_k/top_p truncation is only supported with loss=reverse_kl: the divergence "
                                  "losses compare full distributions, which truncation would make undefined")
+        if self.fsdp and self.rollout_backend != "hf":
+            raise ValueError("fsdp=true needs rollout_backend=hf: syncing a sharded student's weights into vLLM "
+                             "is not implemented; use fsdp=false with vLLM")
         for name in ("teacher", "student"):
             path = getattr(self, name)
             if path not in TINY_ALIASES and not (Path(path) / "config.json").is_file():

@@ -35,20 +35,21 @@ from opd.models import load_pair
 from opd.rollout import make_rollout_engine
 from opd.tasks import load_task
 from opd.teacher import TeacherScores
-from opd.tokenization import render_prompt
+from opd.tokenization import render_prompt, vocab_logits
 from opd.train import attach, lr_factor, step_prompts, train_step
 from opd.types import Batch, Rollout
+from opd.validate import validate_setup
 
 ON_POLICY_ONLY = {"loss": "reverse_kl", "kl_coef": 1.0, "discount": 0.0, "task_reward": False, "opsm_delta": None,
-                  "teacher_backend": "hf"}  # fields that act on the on-policy loss or its scorer, and their defaults
+                  "teacher_backend": "hf", "fsdp": False}  # fields only the on-policy loop uses, and their defaults
 
 
 def check_offpolicy_config(config: TrainConfig) -> None:
-    """Refuse settings this loop would silently ignore: they only act on the on-policy loss or its scorer."""
+    """Refuse settings this loop would silently ignore: the on-policy loss, its scorer, FSDP sharding."""
     changed = {name: getattr(config, name) for name, default in ON_POLICY_ONLY.items()
                if getattr(config, name) != default}
     if changed:
-        raise ValueError(f"off-policy distillation trains by cross-entropy on teacher samples; {changed} only act on "
+        raise ValueError(f"off-policy distillation trains by cross-entropy on teacher samples; {changed} only act in "
                          f"the on-policy loop (`opd train`): leave them at their defaults "
                          f"({ {k: ON_POLICY_ONLY[k] for k in changed} })")
 
@@ -63,6 +64,7 @@ def train_offpolicy(config: TrainConfig) -> Path:
     teacher, student, tokenizer, teacher_tokenizer = load_pair(config)
     examples = load_task(config.task, "train", config.train_size, config.seed, config.data_dir)
     eval_examples = load_task(config.task, "test", config.eval_size, config.seed, config.data_dir)
+    validate_setup(config.task, examples + eval_examples, teacher, student, teacher_tokenizer, tokenizer)
     prompts = [render_prompt(tokenizer, ex.prompt) for ex in examples]
     teacher_prompts = [render_prompt(teacher_tokenizer, ex.teacher_prompt) for ex in examples]
     teacher_engine = make_rollout_engine(config.rollout_backend, teacher, teacher_tokenizer)
@@ -89,7 +91,8 @@ def train_offpolicy(config: TrainConfig) -> Path:
         batch = collate(rollouts_PG, own_scores(samples_PG), tokenizer.pad_token_id)
         t1 = time.perf_counter()
         num_tokens = int(distributed.all_sum(batch.num_tokens, d))
-        metrics = train_step(student, optimizer, batch, config, num_tokens, d, loss_fn=cross_entropy_micro_loss)
+        metrics = train_step(student, optimizer, batch, config, num_tokens, d, vocab_size=len(tokenizer),
+                             loss_fn=cross_entropy_micro_loss)
         scheduler.step()
         t2 = time.perf_counter()
 
@@ -129,14 +132,16 @@ def own_scores(samples: list[Rollout]) -> list[TeacherScores]:
     return [TeacherScores(logprobs_R=torch.tensor(r.sampler_logprobs, dtype=torch.float32)) for r in samples]
 
 
-def cross_entropy_micro_loss(student: torch.nn.Module, micro: Batch, config: TrainConfig,
-                             num_tokens: int) -> tuple[torch.Tensor, dict]:
+def cross_entropy_micro_loss(student: torch.nn.Module, micro: Batch, config: TrainConfig, num_tokens: int,
+                             vocab_size: int | None = None) -> tuple[torch.Tensor, dict]:
     """-Σ m log π_θ / N on the teacher's completion tokens, at the sampling temperature (DESIGN.md §4).
 
     No truncation on the student side: the target is the teacher's token, which the student's
-    full distribution at τ must put mass on (a truncated student logprob could be -inf).
+    full distribution at τ must put mass on (a truncated student logprob could be -inf). Logits
+    past `vocab_size` (a padded embedding) are dropped, as in `opd.train.micro_loss`.
     """
-    logits_B_T_V = student(input_ids=micro.tokens_B_L, attention_mask=micro.attention_mask_B_L).logits[:, :-1]
+    logits_B_L_V = student(input_ids=micro.tokens_B_L, attention_mask=micro.attention_mask_B_L).logits
+    logits_B_T_V = vocab_logits(logits_B_L_V[:, :-1], vocab_size)
     student_logprobs_B_T = token_logprobs(logits_B_T_V, micro.tokens_B_L[:, 1:], temperature=config.temperature)
     return cross_entropy_loss(student_logprobs_B_T, micro.loss_mask_B_T, num_tokens)
 

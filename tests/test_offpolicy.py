@@ -51,10 +51,10 @@ def test_offpolicy_batch_trains_on_the_teacher_completion_only(teacher, student,
 
 
 @pytest.mark.parametrize("override", ["task_reward=true", "loss=topk_kl", "kl_coef=0.5", "discount=0.5",
-                                      "opsm_delta=0.1"])
+                                      "opsm_delta=0.1", "fsdp=true"])
 def test_offpolicy_refuses_settings_of_the_on_policy_loss(override):
     config = load_config(None, [override])
-    with pytest.raises(ValueError, match=f"only act on the on-policy loop.*{override.split('=')[0]}"):
+    with pytest.raises(ValueError, match=f"only act in the on-policy loop.*{override.split('=')[0]}"):
         check_offpolicy_config(config)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from transformers import GenerationConfig
 
+from opd.distributed import is_sharded
 from opd.rollout import Sampling
 from opd.types import Rollout
 
@@ -64,7 +65,8 @@ class HFRolloutEngine:
             input_ids[row, width - len(ids) :] = torch.tensor(ids)
             attention_mask[row, width - len(ids) :] = 1
         out = self.model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                                  generation_config=self._generation_config(sampling))
+                                  generation_config=self._generation_config(sampling),
+                                  synced_gpus=is_sharded(self.model))  # FSDP: ranks decode in lockstep
         new_tokens_B_N = out.sequences[:, width:].cpu()
         scores_B_N_V = torch.stack(out.scores, dim=1).float()
         logprobs_B_N = torch.log_softmax(scores_B_N_V, dim=-1).gather(-1, new_tokens_B_N.to(scores_B_N_V.device)[..., None])
