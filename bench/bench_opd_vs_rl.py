@@ -1,6 +1,6 @@
 """On-policy distillation vs RL vs off-policy distillation at equal compute, on the bundled tiny pair.
 
-    python bench/bench_opd_vs_rl.py [--steps 150] [--seeds 0 1 2] [--eval-every 15] [--jobs 2] [--report-only]
+    python bench/bench_opd_vs_rl.py [--steps 150] [--seeds 0 1 2] [--eval-every 25] [--jobs 2] [--report-only] [--fresh]
 
 The claim tested (Thinking Machines, "On-Policy Distillation", 2025; Qwen3 technical report):
 a student reaches a given quality with far less compute by OPD than by RL on the task reward
@@ -12,6 +12,7 @@ and the same step count, each seed seeing the same prompts at each step:
   GRPO        `opd train teacher_backend=none task_reward=true kl_coef=0`: grader reward only, no teacher
   off-policy  `opd train-offpolicy`: cross-entropy on G teacher samples per prompt (sequence-level KD)
   OPD+GRPO    `opd train task_reward=true kl_coef=1`: Â = A_task - λ(p - q), λ = 1
+  GRPO lr/5   GRPO at lr 3e-4: at the shared lr GRPO collapses, so it also runs once at a fifth of it
 
 Compute, counted from the logged token counts (real tokens, no padding; what an engine that
 skips padding and finished rows, like vLLM, would process):
@@ -27,7 +28,8 @@ seed's held-out problems, teacher-trace gap) runs every `--eval-every` steps and
 on the x-axis. The target is the teacher's accuracy on the same problems minus 2 points.
 
 Writes bench/results/opd_vs_rl.json (every point of every run) and bench/results/opd_vs_rl.png;
-prints the compute-to-target table. Runs live in runs/bench_opd_vs_rl/ (one folder each).
+prints the compute-to-target table. Runs live in runs/bench_opd_vs_rl/ (one folder each); a run
+already complete with the same settings is reused unless --fresh.
 """
 
 from __future__ import annotations
@@ -52,13 +54,34 @@ METHODS = {  # name: (opd command, overrides on top of the recipe)
     "GRPO": ("train", ["teacher_backend=none", "task_reward=true", "kl_coef=0"]),
     "off-policy": ("train-offpolicy", []),
     "OPD+GRPO": ("train", ["task_reward=true", "kl_coef=1"]),
+    # GRPO at the shared lr (1.5e-3) collapses (reward 0.15 -> 0 by step ~65 on seed 0): rerun at lr / 5, one try.
+    "GRPO lr/5": ("train", ["teacher_backend=none", "task_reward=true", "kl_coef=0", "lr=3e-4"]),
 }
-COLORS = {"OPD": "tab:blue", "GRPO": "tab:red", "off-policy": "tab:green", "OPD+GRPO": "tab:purple"}
+COLORS = {"OPD": "tab:blue", "GRPO": "tab:red", "off-policy": "tab:green", "OPD+GRPO": "tab:purple",
+          "GRPO lr/5": "tab:orange"}
 TARGET_MARGIN = 0.02  # target accuracy: the teacher's minus 2 points
 
 
 def run_dir(method: str, seed: int) -> Path:
-    return RUNS / f"{method.replace('+', '_').replace('-', '')}_seed{seed}"
+    name = method.replace("+", "_").replace("-", "").replace(" ", "_").replace("/", "")
+    return RUNS / f"{name}_seed{seed}"
+
+
+def _matches(value, text: str) -> bool:
+    try:
+        return float(value) == float(text)
+    except (TypeError, ValueError):
+        return str(value).lower() == text.lower()
+
+
+def complete(method: str, seed: int, common: list[str]) -> bool:
+    """A finished run of exactly these settings is already in its folder (so an interrupted bench resumes)."""
+    folder = run_dir(method, seed)
+    if not (folder / "final").is_dir() or not (folder / "config.json").is_file():
+        return False
+    config = json.loads((folder / "config.json").read_text())
+    wanted = [*common, *METHODS[method][1], f"seed={seed}"]
+    return all(_matches(config.get(key), value) for key, value in (item.split("=", 1) for item in wanted))
 
 
 def launch(runs: list[tuple[str, int]], common: list[str], jobs: int) -> dict[tuple[str, int], float]:
@@ -130,7 +153,7 @@ def run_points(method: str, seed: int, params: dict[str, int]) -> list[dict]:
             totals["student_train_tokens"] += student_rows
             if method != "off-policy":
                 totals["student_fwd_tokens"] += student_rows  # the student samples its own rows
-            if method != "GRPO":
+            if not method.startswith("GRPO"):
                 totals["teacher_fwd_tokens"] += teacher_rows  # the teacher scores (OPD) or samples (off-policy)
             totals["wall_s"] += record["perf/step_s"]
         if "eval/student_accuracy" not in record:
@@ -166,7 +189,7 @@ def to_target(points_by_run: dict[tuple[str, int], list[dict]], methods: list[st
 
 
 def table(title: str, result: dict[str, dict], seeds: int) -> str:
-    base = result["OPD"]
+    base = result.get("OPD", {"flops": math.inf, "wall_s": math.inf})
     lines = [title, f"{'method':<12}{'seeds reached':>14}{'FLOPs (median)':>16}{'wall s':>9}{'FLOPs / OPD':>13}{'wall / OPD':>12}"]
     for method, r in result.items():
         reached = f"{r['reached']}/{seeds}"
@@ -220,17 +243,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--eval-every", type=int, default=15)
+    parser.add_argument("--eval-every", type=int, default=25)
     parser.add_argument("--eval-size", type=int, default=200)
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--report-only", action="store_true", help="re-analyse the runs already in runs/bench_opd_vs_rl")
+    parser.add_argument("--fresh", action="store_true", help="re-run even the runs already complete")
     args = parser.parse_args()
     common = [f"steps={args.steps}", f"eval_every={args.eval_every}", f"eval_size={args.eval_size}", "save_every=0",
               "log_samples=0", "progress=false"]
     runs = [(m, s) for s in args.seeds for m in args.methods]
     start = time.time()
-    process_s = {} if args.report_only else launch(runs, common, args.jobs)
+    todo = [key for key in runs if args.fresh or not complete(*key, common)]
+    process_s = {} if args.report_only else launch(todo, common, args.jobs)
     params = parameter_counts()
     points_by_run = {key: run_points(*key, params) for key in runs}
     teacher_of_seed = {s: points_by_run[(args.methods[0], s)][0]["teacher_accuracy"] for s in args.seeds}
