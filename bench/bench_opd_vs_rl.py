@@ -176,29 +176,45 @@ def to_target(points_by_run: dict[tuple[str, int], list[dict]], methods: list[st
               level_of_seed) -> dict[str, dict]:
     """Per method: FLOPs and wall time to the first eval at or above the seed's level, median over seeds.
 
-    A seed that never gets there counts as +inf, so the median is finite only if most seeds reach it.
+    A seed that never gets there counts as +inf, so the median is finite only if most seeds reach it;
+    `budget_*` (the median of the whole run's FLOPs and wall time) then bounds what it would need from below.
     """
     out = {}
     for method in methods:
-        hits = [first_reaching(points_by_run[(method, s)], level_of_seed(s)) for s in seeds]
+        runs = [points_by_run[(method, s)] for s in seeds]
+        hits = [first_reaching(points, level_of_seed(s)) for points, s in zip(runs, seeds, strict=True)]
         flops = [h["flops"] if h else math.inf for h in hits]
         wall = [h["wall_s"] if h else math.inf for h in hits]
         out[method] = {"reached": sum(h is not None for h in hits), "flops": statistics.median(flops),
-                       "wall_s": statistics.median(wall), "per_seed_flops": [f if math.isfinite(f) else None for f in flops]}
+                       "wall_s": statistics.median(wall), "per_seed_flops": [f if math.isfinite(f) else None for f in flops],
+                       "budget_flops": statistics.median(r[-1]["flops"] for r in runs),
+                       "budget_wall_s": statistics.median(r[-1]["wall_s"] for r in runs)}
     return out
 
 
+def _ratio(r: dict, base: dict, key: str) -> str:
+    """r / OPD; a bound when one of them did not get there within its budget ('>' or '<'), '-' when neither did."""
+    mine, theirs = r[key], base[key]
+    if math.isfinite(mine) and math.isfinite(theirs):
+        return f"{mine / theirs:.2f}x"
+    if math.isfinite(mine):
+        return f"<{mine / base['budget_' + key]:.2f}x"
+    if math.isfinite(theirs):
+        return f">{r['budget_' + key] / theirs:.2f}x"
+    return "-"
+
+
 def table(title: str, result: dict[str, dict], seeds: int) -> str:
-    base = result.get("OPD", {"flops": math.inf, "wall_s": math.inf})
-    lines = [title, f"{'method':<12}{'seeds reached':>14}{'FLOPs (median)':>16}{'wall s':>9}{'FLOPs / OPD':>13}{'wall / OPD':>12}"]
+    lines = [title, f"{'method':<12}{'seeds reached':>14}{'FLOPs (median)':>16}{'wall s':>9}{'FLOPs / OPD':>13}"
+                    f"{'wall / OPD':>12}"]
+    base = result.get("OPD")
     for method, r in result.items():
         reached = f"{r['reached']}/{seeds}"
-        if not math.isfinite(r["flops"]):
-            lines.append(f"{method:<12}{reached:>14}{'not reached':>16}{'-':>9}{'-':>13}{'-':>12}")
-            continue
-        ratio = f"{r['flops'] / base['flops']:.2f}x" if math.isfinite(base["flops"]) else "-"
-        wall_ratio = f"{r['wall_s'] / base['wall_s']:.2f}x" if math.isfinite(base["wall_s"]) else "-"
-        lines.append(f"{method:<12}{reached:>14}{r['flops']:>16.3g}{r['wall_s']:>9.0f}{ratio:>13}{wall_ratio:>12}")
+        flops = f"{r['flops']:.3g}" if math.isfinite(r["flops"]) else "not reached"
+        wall = f"{r['wall_s']:.0f}" if math.isfinite(r["wall_s"]) else "-"
+        ratio = _ratio(r, base, "flops") if base else "-"
+        wall_ratio = _ratio(r, base, "wall_s") if base else "-"
+        lines.append(f"{method:<12}{reached:>14}{flops:>16}{wall:>9}{ratio:>13}{wall_ratio:>12}")
     return "\n".join(lines)
 
 
@@ -286,6 +302,7 @@ def main() -> None:
               f"{statistics.mean(p['flops'] for p in pts):>13.3g}{statistics.mean(p['wall_s'] for p in pts):>14.0f}")
     for name, result in results.items():
         print("\n" + table(f"compute to reach {name} (per seed, first eval at or above it)", result, len(args.seeds)))
+    print("(ratio <r: OPD did not get there within its whole run, so the ratio is below r; >r: the reverse)")
     print(f"\nwrote {RESULTS / 'opd_vs_rl.json'} and {RESULTS / 'opd_vs_rl.png'} ({time.time() - start:.0f}s)")
 
 
