@@ -13,6 +13,7 @@ and the same step count, each seed seeing the same prompts at each step:
   off-policy  `opd train-offpolicy`: cross-entropy on G teacher samples per prompt (sequence-level KD)
   OPD+GRPO    `opd train task_reward=true kl_coef=1`: Â = A_task - λ(p - q), λ = 1
   GRPO lr/5   GRPO at lr 3e-4: at the shared lr GRPO collapses, so it also runs once at a fifth of it
+  OPD top-k   `opd train loss=topk_kl topk=20`: on-policy, but the teacher's top-20 forward KL per token
 
 Compute, counted from the logged token counts (real tokens, no padding; what an engine that
 skips padding and finished rows, like vLLM, would process):
@@ -26,6 +27,10 @@ Wall time: the sum of `perf/step_s` (sampling + scoring + training; evaluation e
 two runs sharing the machine, so it is indicative only. Evaluation (greedy accuracy on the
 seed's held-out problems, teacher-trace gap) runs every `--eval-every` steps and costs nothing
 on the x-axis. The target is the teacher's accuracy on the same problems minus 2 points.
+
+Cost: the 12 runs of the four methods took 2,678 CPU-seconds (one thread each), i.e. ~22 min on 2 idle
+cores with --jobs 2 (64 min measured on this shared machine); the two extra methods add ~1,200 CPU-s.
+`--methods OPD GRPO off-policy OPD+GRPO` runs the four alone.
 
 Writes bench/results/opd_vs_rl.json (every point of every run) and bench/results/opd_vs_rl.png;
 prints the compute-to-target table. Runs live in runs/bench_opd_vs_rl/ (one folder each); a run
@@ -56,9 +61,12 @@ METHODS = {  # name: (opd command, overrides on top of the recipe)
     "OPD+GRPO": ("train", ["task_reward=true", "kl_coef=1"]),
     # GRPO at the shared lr (1.5e-3) collapses (reward 0.15 -> 0 by step ~65 on seed 0): rerun at lr / 5, one try.
     "GRPO lr/5": ("train", ["teacher_backend=none", "task_reward=true", "kl_coef=0", "lr=3e-4"]),
+    # Not one of the four: OPD with the teacher's top-20 forward KL, a dense per-token target like the
+    # off-policy cross-entropy but on the student's own samples; it separates "on-policy" from "sampled-token".
+    "OPD top-k": ("train", ["loss=topk_kl", "topk=20"]),
 }
 COLORS = {"OPD": "tab:blue", "GRPO": "tab:red", "off-policy": "tab:green", "OPD+GRPO": "tab:purple",
-          "GRPO lr/5": "tab:orange"}
+          "GRPO lr/5": "tab:orange", "OPD top-k": "tab:cyan"}
 TARGET_MARGIN = 0.02  # target accuracy: the teacher's minus 2 points
 
 
@@ -241,12 +249,16 @@ def plot(points_by_run: dict, methods: list[str], seeds: list[int], target: floa
         ax.axhline(target, color="black", lw=1, ls="--", label=f"target: teacher - 2 pts ({target:.1%})")
         ax.set_ylabel("held-out greedy accuracy")
     axes[1].set_ylabel("teacher-trace gap (student - teacher NLL, nats/token)")
+    axes[1].set_yscale("log")  # a collapsed run's gap is ~10x the others'; log keeps both readable
     axes[0].set_xlabel("training compute, TFLOP")
     axes[1].set_xlabel("training compute, TFLOP")
     axes[2].set_xlabel("training wall time, s (2 runs sharing 2 cores; eval excluded)")
     for ax in axes:
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3, which="both")
+    for ax in (axes[0], axes[2]):  # above the curves, below the teacher's line
+        ax.set_ylim(0.0, 1.0)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0.0, 0.88))
+    axes[1].legend(fontsize=7, loc="center right")
     fig.suptitle(f"tiny pair: OPD vs GRPO vs off-policy distillation, {len(seeds)} seeds "
                  "(line: mean, band: min-max over seeds; TFLOP = student sampling + teacher forward + student fwd/bwd)",
                  fontsize=10)
