@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 
 from opd.batch import right_pad
-from opd.logprobs import token_logprobs
+from opd.fused import masked_token_logprobs, supports_fused
+from opd.logprobs import completion_mask, token_logprobs
 from opd.teacher import TeacherScores
 from opd.types import Rollout
 
@@ -42,6 +43,9 @@ def _score_chunk(model, prompts, completions, temperature, topk, full_logits) ->
     pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     tokens_B_L, attention_mask_B_L = right_pad([p + c for p, c in zip(prompts, completions, strict=True)], pad_id)
     tokens_B_L, attention_mask_B_L = tokens_B_L.to(device), attention_mask_B_L.to(device)
+    if not topk and not full_logits and supports_fused(model):  # logits only at the completion tokens
+        return [TeacherScores(logprobs_R=lp) for lp in _completion_logprobs(model, prompts, completions, tokens_B_L,
+                                                                             attention_mask_B_L, temperature)]
     logits_B_T_V = model(input_ids=tokens_B_L, attention_mask=attention_mask_B_L).logits[:, :-1]
     logprobs_B_T = token_logprobs(logits_B_T_V, tokens_B_L[:, 1:], temperature=temperature).cpu()
     if topk:
@@ -57,6 +61,16 @@ def _score_chunk(model, prompts, completions, temperature, topk, full_logits) ->
             topk_logprobs_R_K=topk_logprobs_B_T_K[row, span].clone() if topk else None,
             logits_R_V=logits_B_T_V[row, span].float().cpu().clone() if full_logits else None))
     return out
+
+
+def _completion_logprobs(model, prompts, completions, tokens_B_L, attention_mask_B_L, temperature) -> list[torch.Tensor]:
+    """Each completion's logprobs via opd/fused.py: no `[B, T, V]` logits, no lm_head rows for prompts or padding."""
+    prompt_lens_B = torch.tensor([len(p) for p in prompts])
+    completion_lens_B = torch.tensor([len(c) for c in completions])
+    mask_B_T = completion_mask(prompt_lens_B, completion_lens_B, tokens_B_L.shape[1] - 1).to(tokens_B_L.device)
+    logprobs_B_T = masked_token_logprobs(model, tokens_B_L, attention_mask_B_L, mask_B_T, temperature).cpu()
+    return [logprobs_B_T[row, len(p) - 1 : len(p) - 1 + len(c)].clone()
+            for row, (p, c) in enumerate(zip(prompts, completions, strict=True))]
 
 
 class HFTeacherScorer:
