@@ -38,6 +38,7 @@ class TrainConfig:
     prompts_per_step: int = 16  # P
     completions_per_prompt: int = 4  # G
     max_new_tokens: int = 48  # completion budget; longer completions end with finish_reason "length"
+    min_new_tokens: int = 0  # > 0 forbids eos before that many tokens (benchmarks: a fixed completion length)
     temperature: float = 1.0  # τ for sampling and for every logprob in a ratio or divergence
     top_k: int = 0  # sampler top-k truncation (0 = off)
     top_p: float = 1.0  # sampler nucleus truncation (1.0 = off)
@@ -81,7 +82,7 @@ class TrainConfig:
     @property
     def sampling(self) -> Sampling:
         return Sampling(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
-                        max_new_tokens=self.max_new_tokens)
+                        max_new_tokens=self.max_new_tokens, min_new_tokens=self.min_new_tokens)
 
     @property
     def divergence_temperature(self) -> float:
@@ -112,6 +113,8 @@ class TrainConfig:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if not 0.0 <= self.jsd_beta <= 1.0:
             raise ValueError(f"jsd_beta must be in [0, 1] (0 forward KL, 1 reverse KL), got {self.jsd_beta}")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ValueError(f"min_new_tokens must be in [0, max_new_tokens={self.max_new_tokens}], got {self.min_new_tokens}")
         if self.discount >= 1.0:
             raise ValueError(f"discount must be in [0, 1), got {self.discount}")
         if self.opsm_delta is not None and self.opsm_delta < 0:
