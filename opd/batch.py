@@ -25,14 +25,40 @@ def right_pad(seqs: list[list[int]], pad_id: int, min_width: int = 2) -> tuple[t
     return tokens_B_L, attention_mask_B_L
 
 
-def collate(rollouts: list[Rollout], scores: list[TeacherScores], pad_id: int,
+def collate(rollouts: list[Rollout], scores: list[TeacherScores] | None, pad_id: int,
             advantages_B: torch.Tensor | None = None) -> Batch:
-    """Right-padded tokens and every per-token tensor a loss needs, zero (or -inf) where masked."""
-    if len(rollouts) != len(scores) or not rollouts:
-        raise ValueError(f"collate needs one teacher score per rollout, got {len(rollouts)} rollouts, {len(scores)} scores")
+    """Right-padded tokens and every per-token tensor a loss needs, zero (or -inf) where masked.
+
+    `scores=None` means no teacher scored (pure RL, `teacher_backend=none`): every teacher field is None.
+    """
+    if not rollouts or (scores is not None and len(rollouts) != len(scores)):
+        raise ValueError(f"collate needs one teacher score per rollout, got {len(rollouts)} rollouts, "
+                         f"{None if scores is None else len(scores)} scores")
     tokens_B_L, attention_mask_B_L = right_pad([r.prompt_ids + r.completion_ids for r in rollouts], pad_id)
     B, L = tokens_B_L.shape
     sampler_B_T = torch.zeros((B, L - 1))
+    for b, r in enumerate(rollouts):
+        P, R = len(r.prompt_ids), len(r.completion_ids)
+        sampler_B_T[b, P - 1 : P - 1 + R] = torch.tensor(r.sampler_logprobs)
+    teacher = dict.fromkeys(TEACHER_FIELDS) if scores is None else _teacher_fields(rollouts, scores, L)
+    prompt_lens_B = torch.tensor([len(r.prompt_ids) for r in rollouts])
+    completion_lens_B = torch.tensor([len(r.completion_ids) for r in rollouts])
+    loss_mask_B_T = completion_mask(prompt_lens_B, completion_lens_B, L - 1).float()
+    advantages_B_T = None
+    if advantages_B is not None:
+        advantages_B_T = torch.where(loss_mask_B_T > 0, advantages_B[:, None].float(), 0.0)
+    return Batch(tokens_B_L=tokens_B_L, attention_mask_B_L=attention_mask_B_L, loss_mask_B_T=loss_mask_B_T,
+                 sampler_logprobs_B_T=sampler_B_T, prompt_index_B=torch.tensor([r.prompt_index for r in rollouts]),
+                 advantages_B_T=advantages_B_T, **teacher)
+
+
+TEACHER_FIELDS = ("teacher_logprobs_B_T", "teacher_topk_ids_B_T_K", "teacher_topk_logprobs_B_T_K",
+                  "teacher_logits_B_T_V")
+
+
+def _teacher_fields(rollouts: list[Rollout], scores: list[TeacherScores], L: int) -> dict[str, torch.Tensor | None]:
+    """The teacher's values at each row's completion targets `[P - 1, P - 1 + R)`; 0 (-inf for top-k) elsewhere."""
+    B = len(rollouts)
     teacher_B_T = torch.zeros((B, L - 1))
     first = scores[0]
     topk_ids_B_T_K = topk_lp_B_T_K = logits_B_T_V = None
@@ -50,21 +76,10 @@ def collate(rollouts: list[Rollout], scores: list[TeacherScores], pad_id: int,
             raise ValueError(f"row {b}: teacher logprob is not finite at completion positions "
                              f"{torch.nonzero(~torch.isfinite(s.logprobs_R)).flatten().tolist()}")
         span = slice(P - 1, P - 1 + R)
-        sampler_B_T[b, span] = torch.tensor(r.sampler_logprobs)
         teacher_B_T[b, span] = s.logprobs_R
         if topk_ids_B_T_K is not None:
             topk_ids_B_T_K[b, span] = s.topk_ids_R_K
             topk_lp_B_T_K[b, span] = s.topk_logprobs_R_K
         if logits_B_T_V is not None:
             logits_B_T_V[b, span] = s.logits_R_V
-    prompt_lens_B = torch.tensor([len(r.prompt_ids) for r in rollouts])
-    completion_lens_B = torch.tensor([len(r.completion_ids) for r in rollouts])
-    loss_mask_B_T = completion_mask(prompt_lens_B, completion_lens_B, L - 1).float()
-    advantages_B_T = None
-    if advantages_B is not None:
-        advantages_B_T = torch.where(loss_mask_B_T > 0, advantages_B[:, None].float(), 0.0)
-    return Batch(tokens_B_L=tokens_B_L, attention_mask_B_L=attention_mask_B_L, loss_mask_B_T=loss_mask_B_T,
-                 sampler_logprobs_B_T=sampler_B_T, teacher_logprobs_B_T=teacher_B_T,
-                 prompt_index_B=torch.tensor([r.prompt_index for r in rollouts]), advantages_B_T=advantages_B_T,
-                 teacher_topk_ids_B_T_K=topk_ids_B_T_K, teacher_topk_logprobs_B_T_K=topk_lp_B_T_K,
-                 teacher_logits_B_T_V=logits_B_T_V)
+    return dict(zip(TEACHER_FIELDS, (teacher_B_T, topk_ids_B_T_K, topk_lp_B_T_K, logits_B_T_V), strict=True))

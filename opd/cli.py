@@ -1,4 +1,4 @@
-"""`opd` commands: train, demo, eval, validate, build-tiny, plot."""
+"""`opd` commands: train, train-offpolicy, demo, eval, validate, build-tiny, plot."""
 
 from __future__ import annotations
 
@@ -13,17 +13,22 @@ from pathlib import Path
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
 
-def _train(recipe: str | None, overrides: list[str]) -> Path:
+def _train(recipe: str | None, overrides: list[str], offpolicy: bool = False) -> Path:
+    """The method is chosen here, once: `opd train` runs the on-policy loop, `opd train-offpolicy` the
+    off-policy baseline; both read the same recipe schema, so one recipe compares them."""
     from omegaconf import OmegaConf
 
     from opd.config import load_config
+    from opd.offpolicy import check_offpolicy_config, train_offpolicy
     from opd.train import train
 
     config = load_config(recipe, overrides)  # fails here, before any model is loaded
+    if offpolicy:
+        check_offpolicy_config(config)
     print(OmegaConf.to_yaml(OmegaConf.structured(config)), flush=True)
     Path(config.out_dir).mkdir(parents=True, exist_ok=True)
     (Path(config.out_dir) / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-    return train(config)
+    return train_offpolicy(config) if offpolicy else train(config)
 
 
 def _eval(args: argparse.Namespace) -> dict:
@@ -81,7 +86,7 @@ def summarize(run_dir: Path) -> str:
 
     records = read_metrics(run_dir)
     evals = [r for r in records if "eval/student_accuracy" in r]
-    steps = [r for r in records if "opd/sampled_reverse_kl" in r]
+    steps = [r for r in records if "train/loss" in r]
     rows = []
     if evals:
         for key in ("eval/student_accuracy", "eval/teacher_accuracy", "eval/trace_gap", "eval/trace_gap_pre_final",
@@ -90,9 +95,10 @@ def summarize(run_dir: Path) -> str:
                 rows.append((key, f"step {evals[0]['step']}", evals[0][key], f"step {evals[-1]['step']}", evals[-1][key]))
     if steps:
         head, tail = steps[:5], steps[-5:]
-        for key in ("opd/sampled_reverse_kl", "task/reward"):
-            rows.append((key, "first 5 steps", statistics.mean(r[key] for r in head), "last 5 steps",
-                         statistics.mean(r[key] for r in tail)))
+        for key in ("opd/sampled_reverse_kl", "task/reward", "sft/nll"):
+            if key in head[0] and key in tail[-1]:
+                rows.append((key, "first 5 steps", statistics.mean(r[key] for r in head), "last 5 steps",
+                             statistics.mean(r[key] for r in tail)))
     lines = [f"{'metric':<28}{'before':>26}{'after':>26}"]
     lines += [f"{k:<28}{f'{a:.4f} ({la})':>26}{f'{b:.4f} ({lb})':>26}" for k, la, a, lb, b in rows]
     return "\n".join(lines)
@@ -103,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train from a recipe: opd train RECIPE.yaml key=value ...")
     p.add_argument("recipe", nargs="?", help="YAML recipe (optional; defaults come from opd.config.TrainConfig)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides")
+    p = sub.add_parser("train-offpolicy", help="off-policy distillation baseline: cross-entropy on teacher samples")
+    p.add_argument("recipe", nargs="?", help="YAML recipe (the same schema as `opd train`)")
     p.add_argument("overrides", nargs="*", help="key=value overrides")
     p = sub.add_parser("demo", help="distil the bundled tiny student from the bundled tiny teacher")
     p.add_argument("overrides", nargs="*", help="key=value overrides of recipes/demo.yaml")
@@ -133,13 +142,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
 
     try:
-        if args.command in ("train", "demo"):
-            recipe = args.recipe if args.command == "train" else RECIPES_DIR / "demo.yaml"
+        if args.command in ("train", "train-offpolicy", "demo"):
+            recipe = RECIPES_DIR / "demo.yaml" if args.command == "demo" else args.recipe
             overrides = args.overrides
-            if args.command == "train" and recipe and "=" in recipe:  # no recipe, only overrides
+            if args.command != "demo" and recipe and "=" in recipe:  # no recipe, only overrides
                 recipe, overrides = None, [recipe, *overrides]
             start = time.time()
-            run_dir = _train(recipe, overrides)
+            run_dir = _train(recipe, overrides, offpolicy=args.command == "train-offpolicy")
             from opd.metrics import plot_run
 
             print(f"\n{summarize(run_dir)}\n\nrun folder: {run_dir}  (final student: {run_dir / 'final'}, "

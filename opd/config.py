@@ -19,7 +19,7 @@ LOSSES = ("reverse_kl", "topk_kl", "jsd")
 SCHEDULES = ("constant", "cosine", "linear")
 TASKS = ("arithmetic", "gsm8k", "gsm8k_privileged")
 BACKENDS = ("hf", "vllm")
-TEACHER_BACKENDS = ("hf", "vllm", "served")
+TEACHER_BACKENDS = ("hf", "vllm", "served", "none")
 DTYPES = ("float32", "bfloat16")
 TINY_ALIASES = ("tiny:teacher", "tiny:student")
 
@@ -43,7 +43,7 @@ class TrainConfig:
     top_k: int = 0  # sampler top-k truncation (0 = off)
     top_p: float = 1.0  # sampler nucleus truncation (1.0 = off)
     rollout_backend: str = "hf"  # "hf" or "vllm"
-    teacher_backend: str = "hf"  # "hf" (in-process), "vllm" (in-process engine) or "served" (`vllm serve` over HTTP)
+    teacher_backend: str = "hf"  # "hf" (in-process), "vllm" (in-process engine), "served" (`vllm serve` over HTTP), "none" (pure GRPO)
     teacher_url: str | None = None  # served teacher: base URL(s) of `vllm serve`, comma-separated for several
     # loss
     loss: str = "reverse_kl"  # sampled-token reverse KL (IS policy gradient), "topk_kl" or "jsd"
@@ -119,6 +119,9 @@ class TrainConfig:
             raise ValueError(f"discount must be in [0, 1), got {self.discount}")
         if self.opsm_delta is not None and self.opsm_delta < 0:
             raise ValueError(f"opsm_delta must be >= 0 or null (off), got {self.opsm_delta}")
+        if self.teacher_backend == "none" and not (self.task_reward and self.kl_coef == 0):
+            raise ValueError(f"teacher_backend=none (pure GRPO, no teacher) trains on the task reward alone: it needs "
+                             f"task_reward=true and kl_coef=0, got task_reward={self.task_reward}, kl_coef={self.kl_coef}")
         if self.task_reward and self.completions_per_prompt < 2:
             raise ValueError("task_reward=true needs completions_per_prompt >= 2 (GRPO compares completions of a prompt)")
         if self.loss != "reverse_kl" and (self.task_reward or self.opsm_delta is not None or self.discount):

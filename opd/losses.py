@@ -123,6 +123,25 @@ def importance_sampling_loss(student_logprobs_B_T: Tensor, sampler_logprobs_B_T:
     return loss, _detached(metrics)
 
 
+def cross_entropy_loss(student_logprobs_B_T: Tensor, loss_mask_B_T: Tensor,
+                       num_tokens: float | Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    """Token-level cross-entropy on given completions: sequence-level KD on teacher samples.
+
+        L = -Σ_t m_t · log π_θ,t / N
+    (Kim & Rush 2016, "Sequence-Level Knowledge Distillation": maximum likelihood on sequences the
+    teacher generated; the off-policy baseline of `opd.offpolicy`). Inputs `[B, T]`: the student's
+    logprob of each target token (at the sampling temperature τ, DESIGN.md §4) and the mask of the
+    completion targets; a masked slot may hold anything (even -inf or NaN) and never reaches the
+    loss or the gradient. `∂L/∂log π_θ,t = -m_t / N`. Metric: `sft/nll` (mean -log π_θ, nats/token).
+    """
+    _check_shapes(student_logprobs_B_T=student_logprobs_B_T, loss_mask_B_T=loss_mask_B_T)
+    active_B_T = loss_mask_B_T != 0
+    logprobs_B_T = _fp(student_logprobs_B_T)
+    nll_B_T = torch.where(active_B_T, -logprobs_B_T, torch.zeros_like(logprobs_B_T))
+    loss = normalized_sum(nll_B_T, loss_mask_B_T, num_tokens)
+    return loss, _detached({"sft/nll": masked_mean(nll_B_T, loss_mask_B_T)})
+
+
 def ppo_clip_loss(student_logprobs_B_T: Tensor, old_logprobs_B_T: Tensor, advantages_B_T: Tensor,
                   loss_mask_B_T: Tensor, num_tokens: float | Tensor, clip_low: float = 0.2,
                   clip_high: float = 0.2) -> tuple[Tensor, dict[str, Tensor]]:

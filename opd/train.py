@@ -171,17 +171,21 @@ def task_advantages(rollouts: list[Rollout], config: TrainConfig) -> torch.Tenso
 
 
 def train_step(student: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: Batch, config: TrainConfig,
-               num_tokens: int, d: distributed.Dist = distributed.Dist(), vocab_size: int | None = None) -> dict:
+               num_tokens: int, d: distributed.Dist = distributed.Dist(), vocab_size: int | None = None,
+               loss_fn=None) -> dict:
     """One optimizer step over all micro-batches; every micro-loss divides by the step-global `num_tokens`.
 
     `vocab_size` = len(student tokenizer): distributions are formed over those ids only (DESIGN.md §5).
+    `loss_fn(student, micro, config, num_tokens, vocab_size) -> (loss, metrics)` defaults to `micro_loss`;
+    the off-policy baseline (`opd.offpolicy`) passes its cross-entropy here and shares the rest.
     """
+    loss_fn = loss_fn or micro_loss
     student.train()
     device = next(student.parameters()).device
     totals: dict[str, float] = {}
     for start in range(0, batch.tokens_B_L.shape[0], config.micro_batch_size):
         micro = batch.select(slice(start, start + config.micro_batch_size)).to(device)
-        loss, metrics = micro_loss(student, micro, config, num_tokens, vocab_size)
+        loss, metrics = loss_fn(student, micro, config, num_tokens, vocab_size)
         loss.backward()
         weight = micro.num_tokens / max(batch.num_tokens, 1)  # token-weighted mean of per-micro-batch means
         totals["train/loss"] = totals.get("train/loss", 0.0) + loss.item()
@@ -213,10 +217,12 @@ def micro_loss(student: torch.nn.Module, micro: Batch, config: TrainConfig, num_
         return generalized_jsd_loss(logits_B_T_V, micro.teacher_logits_B_T_V, micro.loss_mask_B_T, num_tokens,
                                     beta=config.jsd_beta, temperature=config.divergence_temperature)
     student_logprobs_B_T = sampled_token_logprobs(student, micro, config, vocab_size)
-    advantages_B_T = reverse_kl_advantages(micro.sampler_logprobs_B_T, micro.teacher_logprobs_B_T,
-                                           micro.loss_mask_B_T, kl_coef=config.kl_coef, discount=config.discount)
-    if micro.advantages_B_T is not None:  # OPD + task reward: Â = A_task − λ·m·(p − q), before any normalization
-        advantages_B_T = micro.advantages_B_T + advantages_B_T
+    advantages_B_T = micro.advantages_B_T  # task (GRPO) advantages; None for pure OPD
+    if micro.teacher_logprobs_B_T is not None:  # None only for pure GRPO (teacher_backend=none)
+        opd_B_T = reverse_kl_advantages(micro.sampler_logprobs_B_T, micro.teacher_logprobs_B_T, micro.loss_mask_B_T,
+                                        kl_coef=config.kl_coef, discount=config.discount)
+        # OPD + task reward: Â = A_task − λ·m·(p − q), before any normalization
+        advantages_B_T = opd_B_T if advantages_B_T is None else advantages_B_T + opd_B_T
     loss_mask_B_T, opsm_metrics = micro.loss_mask_B_T, {}
     if config.opsm_delta is not None:
         loss_mask_B_T, opsm_metrics = opsm_mask(student_logprobs_B_T.detach(), micro.sampler_logprobs_B_T,
@@ -243,14 +249,17 @@ def sampled_token_logprobs(student: torch.nn.Module, micro: Batch, config: Train
 
 
 def batch_metrics(batch: Batch, rollouts: list[Rollout]) -> dict[str, float]:
-    """Sample-level metrics of DESIGN.md §6, whatever the loss."""
+    """Sample-level metrics of DESIGN.md §6, whatever the loss; the teacher's only when a teacher scored."""
     mask_B_T = batch.loss_mask_B_T
-    return {
+    metrics = {
         "opd/active_tokens": float(batch.num_tokens),
-        "opd/sampled_reverse_kl": masked_mean(batch.sampler_logprobs_B_T - batch.teacher_logprobs_B_T, mask_B_T).item(),
-        "opd/teacher_nll": masked_mean(-batch.teacher_logprobs_B_T, mask_B_T).item(),
         "opd/sampler_nll": masked_mean(-batch.sampler_logprobs_B_T, mask_B_T).item(),
         "gen/mean_length": sum(len(r.completion_ids) for r in rollouts) / len(rollouts),
         "gen/truncated_fraction": sum(r.finish_reason == "length" for r in rollouts) / len(rollouts),
         "task/reward": sum(r.reward for r in rollouts) / len(rollouts),
     }
+    if batch.teacher_logprobs_B_T is not None:
+        q_B_T = batch.teacher_logprobs_B_T
+        metrics |= {"opd/sampled_reverse_kl": masked_mean(batch.sampler_logprobs_B_T - q_B_T, mask_B_T).item(),
+                    "opd/teacher_nll": masked_mean(-q_B_T, mask_B_T).item()}
+    return metrics

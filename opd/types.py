@@ -52,7 +52,7 @@ class Batch:
     attention_mask_B_L: torch.Tensor  # long, 1 on prompt + completion
     loss_mask_B_T: torch.Tensor  # float 0/1, 1 exactly on completion targets
     sampler_logprobs_B_T: torch.Tensor  # float32, 0.0 where masked
-    teacher_logprobs_B_T: torch.Tensor  # float32, 0.0 where masked
+    teacher_logprobs_B_T: torch.Tensor | None  # float32, 0.0 where masked; None when no teacher scored (pure RL)
     prompt_index_B: torch.Tensor  # long
     advantages_B_T: torch.Tensor | None = None  # task advantages (0 for pure OPD)
     teacher_topk_ids_B_T_K: torch.Tensor | None = None  # long, 0 where masked

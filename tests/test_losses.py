@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from opd.losses import (
+    cross_entropy_loss,
     generalized_jsd_loss,
     grpo_advantages,
     importance_sampling_loss,
@@ -373,6 +374,25 @@ def test_losses_reject_mismatched_shapes_and_temperature():
     with pytest.raises(ValueError, match="temperature"):
         topk_forward_kl_loss(torch.zeros(2, 3, 5), torch.zeros(2, 3, 2, dtype=torch.long), torch.zeros(2, 3, 2), a, 1,
                              temperature=-1.0)
+
+
+# ---- cross-entropy on given completions (the off-policy baseline) -------------------------------
+
+def test_cross_entropy_loss_hand_values_and_masked_garbage():
+    # log π = [-1, -2] on the two completion targets, N = 4 (other micro-batches hold 2 more tokens):
+    # L = (1 + 2) / 4 = 0.75, ∂L/∂log π = -1/4 on active slots, exactly 0 on the masked slots that hold
+    # NaN / -inf (a prompt position whose "target" the student would never predict). sft/nll = 3/2.
+    logp = torch.tensor([[NAN, -1.0, -2.0, -INF]], requires_grad=True)
+    m = torch.tensor([[0.0, 1.0, 1.0, 0.0]])
+    loss, metrics = cross_entropy_loss(logp, m, num_tokens=4)
+    (grad,) = torch.autograd.grad(loss, logp)
+    assert loss.item() == 0.75
+    assert torch.equal(grad, torch.tensor([[0.0, -0.25, -0.25, 0.0]]))
+    assert metrics["sft/nll"].item() == 1.5 and not metrics["sft/nll"].requires_grad
+    zero, _ = cross_entropy_loss(logp, torch.zeros(1, 4), num_tokens=0)  # N = 0: exact 0, zero gradient
+    assert zero.item() == 0.0 and torch.equal(torch.autograd.grad(zero, logp)[0], torch.zeros(1, 4))
+    with pytest.raises(ValueError, match="shapes must match"):
+        cross_entropy_loss(torch.zeros(2, 3), torch.zeros(2, 4), 1)
 
 
 # ---- GRPO and OPD + task reward ----------------------------------------------------------------

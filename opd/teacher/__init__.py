@@ -24,9 +24,22 @@ class TeacherScores:
 
 
 class TeacherScorer(Protocol):
-    def score(self, rollouts: list[Rollout], temperature: float, topk: int = 0, full_logits: bool = False) -> list[TeacherScores]:
-        """Teacher logprobs at `temperature` of each rollout's completion under its teacher prompt."""
+    def score(self, rollouts: list[Rollout], temperature: float, topk: int = 0,
+              full_logits: bool = False) -> list[TeacherScores] | None:
+        """Teacher logprobs at `temperature` of each rollout's completion under its teacher prompt (None: no teacher)."""
         ...
+
+
+class NoTeacher:
+    """Pure RL (GRPO on the task reward): no teacher is run, so there is no teacher signal to log or train on.
+
+    `score` returns None; `collate` then leaves `Batch.teacher_logprobs_B_T` None, the loss uses the
+    task advantages alone and no reverse-KL metric is logged (DESIGN.md §6). `config.validate`
+    allows it only with task_reward=true and kl_coef=0.
+    """
+
+    def score(self, rollouts: list[Rollout], temperature: float, topk: int = 0, full_logits: bool = False) -> None:
+        return None
 
 
 def make_teacher_scorer(backend: str, model: torch.nn.Module, batch_size: int = 64, url: str | None = None,
@@ -36,6 +49,8 @@ def make_teacher_scorer(backend: str, model: torch.nn.Module, batch_size: int = 
     `vocab_size`: the teacher tokenizer's length; the in-process teacher forms its distributions over
     those ids only (a padded embedding's extra rows are no tokens, DESIGN.md §5).
     """
+    if backend == "none":
+        return NoTeacher()
     if backend == "hf":
         from opd.teacher.hf import HFTeacherScorer
 
@@ -48,4 +63,4 @@ def make_teacher_scorer(backend: str, model: torch.nn.Module, batch_size: int = 
         from opd.teacher.served import ServedTeacherScorer
 
         return ServedTeacherScorer(url.split(","), model_name=name)
-    raise ValueError(f"unknown teacher backend {backend!r}; accepted: 'hf', 'vllm', 'served'")
+    raise ValueError(f"unknown teacher backend {backend!r}; accepted: 'hf', 'vllm', 'served', 'none'")
