@@ -28,13 +28,14 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def save(run_dir: Path, step: int, student, tokenizer, optimizer, scheduler, config) -> Path:
+def save(run_dir: Path, step: int, student, tokenizer, optimizer_state: dict, scheduler, config) -> Path:
+    """`optimizer_state`: the full, name-keyed state of `distributed.optimizer_state` (the same with or without FSDP)."""
     final = Path(run_dir) / "checkpoints" / f"step_{step:06d}"
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     student.save_pretrained(tmp / "model")  # safetensors
     tokenizer.save_pretrained(tmp / "model")
-    state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+    state = {"step": step, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
              "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
                      "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
     torch.save(state, tmp / STATE_FILE)
@@ -59,13 +60,15 @@ def latest(run_dir: Path) -> Path | None:
 
 
 def load(path: Path, student, optimizer, scheduler) -> int:
-    """Restore weights, optimizer, scheduler and RNG states in place; returns the step."""
+    """Restore weights, optimizer, scheduler and RNG states in place (sharded or not); returns the step."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
     from transformers import AutoModelForCausalLM
 
     saved = AutoModelForCausalLM.from_pretrained(path / "model", dtype=next(student.parameters()).dtype)
-    student.load_state_dict(saved.state_dict())  # strict: a checkpoint of another architecture raises
+    options = StateDictOptions(full_state_dict=True, strict=True)  # strict: a checkpoint of another architecture raises
+    set_model_state_dict(student, saved.state_dict(), options=options)
     state = torch.load(path / STATE_FILE, weights_only=False)
-    optimizer.load_state_dict(state["optimizer"])
+    set_optimizer_state_dict(student, optimizer, state["optimizer"], options=options)
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"]["torch"])
     random.setstate(state["rng"]["python"])

@@ -1,4 +1,4 @@
-"""`opd` commands: train, demo, eval, build-tiny, build-tiny-gsm8k, plot."""
+"""`opd` commands: train, demo, eval, validate, build-tiny, build-tiny-gsm8k, plot."""
 
 from __future__ import annotations
 
@@ -24,6 +24,55 @@ def _train(recipe: str | None, overrides: list[str]) -> Path:
     Path(config.out_dir).mkdir(parents=True, exist_ok=True)
     (Path(config.out_dir) / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
     return train(config)
+
+
+def _eval(args: argparse.Namespace) -> dict:
+    """The full held-out report of `opd.evaluate.Evaluator` for a teacher/student pair; printed, and saved if asked."""
+    from opd.evaluate import Evaluator, format_report
+    from opd.models import load_model, load_tokenizer
+    from opd.tasks import load_task
+    from opd.teacher.hf import freeze
+    from opd.tokenization import check_tokenizers_compatible
+    from opd.validate import validate_setup
+
+    tokenizer, teacher_tokenizer = load_tokenizer(args.student), load_tokenizer(args.teacher)
+    check_tokenizers_compatible(teacher_tokenizer, tokenizer)
+    examples = load_task(args.task, "test", args.n, args.seed, args.data_dir)
+    teacher = freeze(load_model(args.teacher, device=args.device))
+    student = load_model(args.student, device=args.device)
+    student.eval()
+    validate_setup(args.task, examples, teacher, student, teacher_tokenizer, tokenizer)
+    evaluator = Evaluator(teacher, tokenizer, teacher_tokenizer, examples, args.temperature, args.max_new_tokens,
+                          seed=args.seed)
+    metrics = evaluator(student)
+    samples = metrics.pop("eval/samples")
+    print(f"student {args.student} vs teacher {args.teacher}: {len(examples)} held-out {args.task} examples, "
+          f"temperature {args.temperature}, at most {args.max_new_tokens} new tokens\n")
+    print(format_report(metrics))
+    for sample in samples[: args.samples]:
+        print(f"  student greedy: {sample}")
+    if args.json:
+        report = {"teacher": args.teacher, "student": args.student, "task": args.task, "n": len(examples),
+                  "temperature": args.temperature, "max_new_tokens": args.max_new_tokens, "seed": args.seed,
+                  "metrics": metrics, "samples": samples}
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        print(f"\nreport: {args.json}")
+    return metrics
+
+
+def _validate(run_dir: str, steps: int | None) -> None:
+    """The run validator on a finished run folder; the expected steps default to its config.json."""
+    from opd.validate import validate_run
+
+    if steps is None:
+        config = Path(run_dir) / "config.json"
+        if not config.is_file():
+            raise ValueError(f"{run_dir}: no config.json to read the number of steps from; pass --steps N")
+        steps = json.loads(config.read_text())["steps"]
+    records = validate_run(run_dir, steps)
+    print(f"OK: {run_dir}: steps 0..{steps} logged once each, step-0 eval present, all {len(records)} records finite, "
+          f"tokens trained every step, final student saved")
 
 
 def summarize(run_dir: Path) -> str:
@@ -58,12 +107,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", help="key=value overrides")
     p = sub.add_parser("demo", help="distil the bundled tiny student from the bundled tiny teacher")
     p.add_argument("overrides", nargs="*", help="key=value overrides of recipes/demo.yaml")
-    p = sub.add_parser("eval", help="held-out greedy accuracy of a teacher and a student")
-    p.add_argument("--teacher", default="tiny:teacher")
-    p.add_argument("--student", default="tiny:student")
-    p.add_argument("--task", default="arithmetic")
+    p = sub.add_parser("eval", help="held-out report: teacher-trace gap, accuracies, sampled reverse KL, perplexities")
+    p.add_argument("--teacher", default="tiny:teacher", help="model folder, or tiny:teacher")
+    p.add_argument("--student", default="tiny:student", help="model folder, or tiny:student")
+    p.add_argument("--task", default="arithmetic", help="arithmetic, gsm8k or gsm8k_privileged")
+    p.add_argument("--data-dir", default=None, help="folder with test.jsonl for the GSM8K tasks")
     p.add_argument("--n", type=int, default=200, help="held-out examples")
+    p.add_argument("--temperature", type=float, default=1.0, help="τ of the sampled metrics and the trace NLLs")
     p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--samples", type=int, default=2, help="student transcripts to print")
+    p.add_argument("--json", default=None, help="also write the report to this JSON file")
+    p = sub.add_parser("validate", help="check a finished run folder: steps, step-0 eval, finite metrics, tokens")
+    p.add_argument("run_dir")
+    p.add_argument("--steps", type=int, default=None, help="expected steps (default: the run's config.json)")
     p = sub.add_parser("build-tiny", help="train and save the bundled tiny tokenizer, teacher and student")
     p.add_argument("--out", default=None, help="output folder (default: the package's assets/tiny)")
     p.add_argument("--seed", type=int, default=0)
@@ -93,16 +151,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\n{summarize(run_dir)}\n\nrun folder: {run_dir}  (final student: {run_dir / 'final'}, "
                   f"curves: {plot_run(run_dir)}), {time.time() - start:.0f}s")
         elif args.command == "eval":
-            from opd.evaluate import greedy_accuracy
-            from opd.models import load_model, load_tokenizer
-            from opd.tasks import load_task
-
-            examples = load_task(args.task, "test", args.n)
-            for name in ("teacher", "student"):
-                path = getattr(args, name)
-                accuracy, _ = greedy_accuracy(load_model(path), load_tokenizer(path), examples, args.max_new_tokens,
-                                              teacher_prompt=name == "teacher")
-                print(f"{name:<8} {path}: held-out greedy accuracy {accuracy:.1%} on {len(examples)} {args.task} problems")
+            _eval(args)
+        elif args.command == "validate":
+            _validate(args.run_dir, args.steps)
         elif args.command == "build-tiny":
             from opd.tiny import TINY_DIR, build_tiny
 

@@ -39,6 +39,7 @@ class TrainConfig:
     prompts_per_step: int = 16  # P
     completions_per_prompt: int = 4  # G
     max_new_tokens: int = 48  # completion budget; longer completions end with finish_reason "length"
+    min_new_tokens: int = 0  # > 0 forbids eos before that many tokens (benchmarks: a fixed completion length)
     temperature: float = 1.0  # τ for sampling and for every logprob in a ratio or divergence
     top_k: int = 0  # sampler top-k truncation (0 = off)
     top_p: float = 1.0  # sampler nucleus truncation (1.0 = off)
@@ -65,6 +66,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0  # max global grad norm (0 = off)
     micro_batch_size: int = 64  # sequences per forward/backward; gradients accumulate over the step
+    fsdp: bool = False  # torchrun: shard the student with FSDP2 fully_shard (too big for one device)
     dtype: str = "float32"  # student/teacher parameter dtype
     device: str = "auto"  # "auto" picks cuda when available
     # run
@@ -81,7 +83,7 @@ class TrainConfig:
     @property
     def sampling(self) -> Sampling:
         return Sampling(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
-                        max_new_tokens=self.max_new_tokens)
+                        max_new_tokens=self.max_new_tokens, min_new_tokens=self.min_new_tokens)
 
     @property
     def divergence_temperature(self) -> float:
@@ -112,6 +114,8 @@ class TrainConfig:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if not 0.0 <= self.jsd_beta <= 1.0:
             raise ValueError(f"jsd_beta must be in [0, 1] (0 forward KL, 1 reverse KL), got {self.jsd_beta}")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ValueError(f"min_new_tokens must be in [0, max_new_tokens={self.max_new_tokens}], got {self.min_new_tokens}")
         if self.discount >= 1.0:
             raise ValueError(f"discount must be in [0, 1), got {self.discount}")
         if self.opsm_delta is not None and self.opsm_delta < 0:
@@ -125,6 +129,9 @@ class TrainConfig:
             if self.loss != "reverse_kl":
                 raise ValueError("top_k/top_p truncation is only supported with loss=reverse_kl: the divergence "
                                  "losses compare full distributions, which truncation would make undefined")
+        if self.fsdp and self.rollout_backend != "hf":
+            raise ValueError("fsdp=true needs rollout_backend=hf: syncing a sharded student's weights into vLLM "
+                             "is not implemented; use fsdp=false with vLLM")
         for name in ("teacher", "student"):
             path = getattr(self, name)
             if path not in TINY_ALIASES and not (Path(path) / "config.json").is_file():

@@ -6,6 +6,8 @@ the teacher under its prompt and by the student under the student prompt. The ga
 token-weighted student NLL minus teacher NLL over the whole trace, the part before the
 final answer, and the final-answer span. It falls as the student learns what the
 teacher knows; it is 0 for a student identical to the teacher on the same prompt.
+Every distribution is formed over each model's tokenizer range (`len(tokenizer)`), so a
+padded embedding changes nothing (DESIGN.md §5).
 """
 
 from __future__ import annotations
@@ -77,6 +79,7 @@ class Evaluator:
                  max_new_tokens: int, seed: int = 0):
         self.tokenizer, self.examples, self.temperature = tokenizer, examples, temperature
         self.max_new_tokens, self.seed = max_new_tokens, seed
+        self.vocab_size, self.teacher_vocab_size = len(tokenizer), len(teacher_tokenizer)
         self.teacher = teacher
         self.prompts = [render_prompt(tokenizer, ex.prompt) for ex in examples]
         self.teacher_prompts = [render_prompt(teacher_tokenizer, ex.teacher_prompt) for ex in examples]
@@ -84,14 +87,16 @@ class Evaluator:
         traces = HFRolloutEngine(teacher, teacher_tokenizer).generate(self.teacher_prompts, 1, greedy, seed=0)
         self.traces = [r.completion_ids for r in traces]
         self.teacher_accuracy, _ = graded(teacher_tokenizer, self.traces, examples)
-        teacher_scores = score_tokens(teacher, self.teacher_prompts, self.traces, temperature)
+        teacher_scores = score_tokens(teacher, self.teacher_prompts, self.traces, temperature,
+                                      vocab_size=self.teacher_vocab_size)
         self.teacher_nll = [-s.logprobs_R for s in teacher_scores]
         self.spans = [final_answer_span(teacher_tokenizer, t) for t in self.traces]
 
     @torch.no_grad()
     def __call__(self, student) -> dict:
         accuracy, texts = greedy_accuracy(student, self.tokenizer, self.examples, self.max_new_tokens)
-        student_nll = [-s.logprobs_R for s in score_tokens(student, self.prompts, self.traces, self.temperature)]
+        student_scores = score_tokens(student, self.prompts, self.traces, self.temperature, vocab_size=self.vocab_size)
+        student_nll = [-s.logprobs_R for s in student_scores]
         metrics = {"eval/student_accuracy": accuracy, "eval/teacher_accuracy": self.teacher_accuracy}
         metrics |= trace_gap(student_nll, self.teacher_nll, self.spans)
         metrics |= self.sampled_metrics(student)
@@ -103,7 +108,9 @@ class Evaluator:
         engine = HFRolloutEngine(student, self.tokenizer)
         sampling = Sampling(temperature=self.temperature, max_new_tokens=self.max_new_tokens)
         rollouts = engine.generate(self.prompts, 1, sampling, seed=self.seed)
-        teacher = score_tokens(self.teacher, self.teacher_prompts, [r.completion_ids for r in rollouts], self.temperature)
+        teacher = score_tokens(self.teacher, [self.teacher_prompts[r.prompt_index] for r in rollouts],
+                               [r.completion_ids for r in rollouts], self.temperature,
+                               vocab_size=self.teacher_vocab_size)
         p = torch.cat([torch.tensor(r.sampler_logprobs) for r in rollouts])
         q = torch.cat([s.logprobs_R for s in teacher])
         n = max(p.numel(), 1)
@@ -130,3 +137,26 @@ def trace_gap(student_nll: list[torch.Tensor], teacher_nll: list[torch.Tensor], 
             out |= {f"eval/trace_student_nll{name}": s / n, f"eval/trace_teacher_nll{name}": t / n,
                     f"eval/trace_gap{name}": (s - t) / n, f"eval/trace_tokens{name}": float(n)}
     return out
+
+
+def format_report(metrics: dict) -> str:
+    """The metrics of one `Evaluator` call as a readable table (what `opd eval` prints)."""
+    lines = [f"{'teacher-trace gap (nats/token)':<34}{'student NLL':>12}{'teacher NLL':>12}{'gap':>9}{'tokens':>8}"]
+    for span, label in zip(SPANS, ("whole trace", "before the final answer", "final-answer span"), strict=True):
+        if f"eval/trace_gap{span}" in metrics:
+            lines.append(f"  {label:<32}{metrics[f'eval/trace_student_nll{span}']:>12.4f}"
+                         f"{metrics[f'eval/trace_teacher_nll{span}']:>12.4f}{metrics[f'eval/trace_gap{span}']:>9.4f}"
+                         f"{metrics[f'eval/trace_tokens{span}']:>8.0f}")
+        else:
+            lines.append(f"  {label:<32}{'(no trace has a Final: line)':>41}")
+    lines += ["accuracy (greedy decoding, exact match after normalization)",
+              f"  {'teacher, on its own prompt':<32}{metrics['eval/teacher_accuracy']:>12.1%}",
+              f"  {'student':<32}{metrics['eval/student_accuracy']:>12.1%}",
+              "one student sample per prompt, at the temperature",
+              f"  {'sampled reverse KL (nats/token)':<32}{metrics['eval/sampled_reverse_kl']:>12.4f}",
+              f"  {'student perplexity':<32}{metrics['eval/student_ppl']:>12.3f}",
+              f"  {'teacher perplexity':<32}{metrics['eval/teacher_ppl']:>12.3f}",
+              f"  {'active tokens':<32}{metrics['eval/active_tokens']:>12.0f}",
+              f"  {'mean completion length':<32}{metrics['eval/mean_length']:>12.2f}",
+              f"  {'truncated fraction':<32}{metrics['eval/truncated_fraction']:>12.1%}"]
+    return "\n".join(lines)

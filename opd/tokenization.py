@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from transformers import PreTrainedTokenizerBase
 
 Messages = list[dict[str, str]]
@@ -36,11 +37,36 @@ def check_tokenizers_compatible(teacher: PreTrainedTokenizerBase, student: PreTr
     student_by_id = {i: tok for tok, i in student_vocab.items()}
     for token, i in sorted(teacher_vocab.items(), key=lambda kv: kv[1]):
         if student_vocab.get(token) != i:
+            where = "missing from" if token not in student_vocab else f"id {student_vocab[token]} in"
             raise ValueError(
-                f"teacher token {token!r} (id {i}) is id {student_vocab.get(token)} in the student vocab, "
-                f"student id {i} is {student_by_id.get(i)!r}; teacher and student must share one tokenizer"
+                f"teacher token {token!r} (id {i}) is {where} the student vocab, where id {i} is "
+                f"{student_by_id.get(i)!r}; teacher and student must share one tokenizer (the student may only add "
+                f"tokens above id {max(teacher_vocab.values())})"
             )
-    teacher_size = len(teacher_vocab)
+    teacher_size = max(teacher_vocab.values()) + 1
     for i, token in sorted(student_by_id.items()):
         if i < teacher_size and teacher_vocab.get(token) != i:
             raise ValueError(f"student id {i} ({token!r}) has no same-id teacher token; tokenizers differ")
+
+def vocab_logits(logits_lead_V: torch.Tensor, vocab_size: int | None) -> torch.Tensor:
+    """The logits of the tokenizer's ids `[0, vocab_size)` only (a view, no copy); all of them if None.
+
+    Checkpoints often pad the embedding past the tokenizer (Qwen2.5: 151,936 rows for 151,665
+    tokens) for matmul efficiency. Those rows are never a token, yet their logits would enter
+    every softmax; DESIGN.md §5 forms each distribution over the tokenizer range only, so a
+    padded model scores and trains exactly as the unpadded one.
+    """
+    if vocab_size is None:
+        return logits_lead_V
+    if logits_lead_V.shape[-1] < vocab_size:
+        raise ValueError(f"the model has {logits_lead_V.shape[-1]} output rows for a tokenizer of {vocab_size} "
+                         "tokens; resize its embedding (model.resize_token_embeddings(len(tokenizer)))")
+    return logits_lead_V[..., :vocab_size]
+
+
+def check_embedding_covers_tokenizer(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, name: str) -> None:
+    """Raise unless the model has an output row for every token id (more rows, a padded vocabulary, are fine)."""
+    rows = model.get_output_embeddings().weight.shape[0]
+    if rows < len(tokenizer):
+        raise ValueError(f"{name}: the model has {rows} output rows but its tokenizer has {len(tokenizer)} tokens; "
+                         f"resize the embedding (model.resize_token_embeddings(len(tokenizer))) and save it")

@@ -21,6 +21,7 @@ from opd import checkpoint, distributed
 from opd.batch import collate
 from opd.config import TrainConfig
 from opd.evaluate import Evaluator
+from opd.fused import masked_token_logprobs, supports_fused
 from opd.logprobs import masked_mean, token_logprobs
 from opd.losses import (generalized_jsd_loss, grpo_advantages, importance_sampling_loss,
                         opsm_mask, reverse_kl_advantages, topk_forward_kl_loss)
@@ -29,8 +30,9 @@ from opd.models import load_pair
 from opd.rollout import make_rollout_engine
 from opd.tasks import grade, load_task
 from opd.teacher import make_teacher_scorer
-from opd.tokenization import render_prompt
+from opd.tokenization import render_prompt, vocab_logits
 from opd.types import Batch, Rollout
+from opd.validate import validate_setup
 
 
 SUMMED = {"train/loss", "opd/opsm_rejected"}  # metrics that add up over micro-batches and ranks
@@ -43,20 +45,30 @@ def train(config: TrainConfig) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
     teacher, student, tokenizer, teacher_tokenizer = load_pair(config)
+    if config.fsdp and d.world > 1:
+        if config.prompts_per_step % d.world:  # a sharded forward is a collective: equal rows on every rank
+            raise ValueError(f"fsdp=true needs prompts_per_step ({config.prompts_per_step}) divisible by the "
+                             f"number of processes ({d.world})")
+        distributed.shard_model(student)
     examples = load_task(config.task, "train", config.train_size, config.seed, config.data_dir)
     eval_examples = load_task(config.task, "test", config.eval_size, config.seed, config.data_dir)
+    validate_setup(config.task, examples + eval_examples, teacher, student, teacher_tokenizer, tokenizer)
     prompts = [render_prompt(tokenizer, ex.prompt) for ex in examples]
     teacher_prompts = [render_prompt(teacher_tokenizer, ex.teacher_prompt) for ex in examples]
     engine = make_rollout_engine(config.rollout_backend, student, tokenizer)
-    scorer = make_teacher_scorer(config.teacher_backend, teacher, url=config.teacher_url,
-                                 name=config.teacher)
-    optimizer = torch.optim.AdamW(student.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    scorer = make_teacher_scorer(config.teacher_backend, teacher, url=config.teacher_url, name=config.teacher,
+                                 vocab_size=len(teacher_tokenizer))
+    # fused: one kernel instead of foreach temporaries as large as the parameters (4.7x faster
+    # on CPU at 23M parameters, and what TRL uses); same AdamW update
+    optimizer = torch.optim.AdamW(student.parameters(), lr=config.lr, weight_decay=config.weight_decay,
+                                  fused=next(student.parameters()).device.type in ("cpu", "cuda"))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config))
 
     start_step = 0
     if config.resume and (latest := checkpoint.latest(run_dir)) is not None:
         start_step = checkpoint.load(latest, student, optimizer, scheduler)
         engine.load_weights(student)
+    plain_student = distributed.unsharded(student, d)  # rank 0's view for eval and saving (a collective under FSDP)
     if d.main:  # only rank 0 evaluates, logs and saves
         evaluate = Evaluator(teacher, tokenizer, teacher_tokenizer, eval_examples, config.temperature,
                              config.max_new_tokens, seed=config.seed)
@@ -66,7 +78,7 @@ def train(config: TrainConfig) -> Path:
             evaluate = with_training_rows(evaluate, on_train)
         writer = MetricsWriter(run_dir, config, start_step)
         if start_step == 0:
-            writer.log(0, evaluate(student), samples=True)
+            writer.log(0, evaluate(plain_student), samples=True)
 
     for step in range(start_step + 1, config.steps + 1):
         t0 = time.perf_counter()
@@ -75,13 +87,12 @@ def train(config: TrainConfig) -> Path:
                                       config.sampling, seed=config.seed * 1_000_003 + step + 7919 * d.rank)
         attach(rollouts_PG, chosen_P, teacher_prompts, examples, tokenizer)
         t1 = time.perf_counter()
-        scores = scorer.score(rollouts_PG, config.temperature, topk=config.topk if config.loss == "topk_kl" else 0,
-                              full_logits=config.loss == "jsd")
+        scores = teacher_scores(scorer, rollouts_PG, config)
         task_advantages_B = task_advantages(rollouts_PG, config)
         batch = collate(rollouts_PG, scores, tokenizer.pad_token_id, advantages_B=task_advantages_B)
         t2 = time.perf_counter()
         num_tokens = int(distributed.all_sum(batch.num_tokens, d))  # the step-global normalizer
-        metrics = train_step(student, optimizer, batch, config, num_tokens, d)
+        metrics = train_step(student, optimizer, batch, config, num_tokens, d, vocab_size=len(tokenizer))
         scheduler.step()
         engine.load_weights(student)
         t3 = time.perf_counter()
@@ -92,16 +103,21 @@ def train(config: TrainConfig) -> Path:
                     "perf/generate_s": t1 - t0, "perf/score_s": t2 - t1, "perf/train_s": t3 - t2,
                     "perf/step_s": t3 - t0, "perf/tokens_per_s": d.world * completion_tokens / (t3 - t0)}
         last = step == config.steps
+        evaluating = last or (config.eval_every and step % config.eval_every == 0)
+        saving = last or (config.save_every and step % config.save_every == 0)
+        if evaluating or saving:  # collectives under FSDP, so every rank takes part
+            plain_student = distributed.unsharded(student, d)
+            optimizer_state = distributed.optimizer_state(student, optimizer) if saving else None
         if not d.main:
             continue
-        if last or (config.eval_every and step % config.eval_every == 0):
-            metrics |= evaluate(student)
+        if evaluating:
+            metrics |= evaluate(plain_student)
         writer.log(step, metrics, samples=any(k.startswith("eval/") for k in metrics))
-        if last or (config.save_every and step % config.save_every == 0):
-            checkpoint.save(run_dir, step, student, tokenizer, optimizer, scheduler, config)
+        if saving:
+            checkpoint.save(run_dir, step, plain_student, tokenizer, optimizer_state, scheduler, config)
     if d.main:
         writer.close()
-        checkpoint.save_final(run_dir, student, tokenizer)
+        checkpoint.save_final(run_dir, plain_student, tokenizer)
     distributed.barrier(d)
     distributed.close(d)
     return run_dir
@@ -146,6 +162,22 @@ def attach(rollouts: list[Rollout], chosen_P: list[int], teacher_prompts: list[l
         r.reward = float(grade(tokenizer.decode(r.completion_ids, skip_special_tokens=True), r.expected_answer))
 
 
+def teacher_scores(scorer, rollouts: list[Rollout], config: TrainConfig) -> list:
+    """The teacher's logprob q of each sampled token at τ, and what the loss compares at its temperature.
+
+    DESIGN.md §4: both sides of a divergence use one temperature. The top-k forward KL's student side
+    is at `divergence_temperature`, so the teacher's top-k is scored at it too; when that differs
+    from τ, a second pass keeps q (a metric here) at τ. JSD takes raw teacher logits and scales both.
+    """
+    if config.loss != "topk_kl":
+        return scorer.score(rollouts, config.temperature, full_logits=config.loss == "jsd")
+    scores = scorer.score(rollouts, config.divergence_temperature, topk=config.topk)
+    if config.divergence_temperature != config.temperature:
+        for s, at_tau in zip(scores, scorer.score(rollouts, config.temperature), strict=True):
+            s.logprobs_R = at_tau.logprobs_R
+    return scores
+
+
 def task_advantages(rollouts: list[Rollout], config: TrainConfig) -> torch.Tensor | None:
     """GRPO advantages of the graded rewards when the task reward is mixed in; None for pure OPD."""
     if not config.task_reward:
@@ -156,14 +188,17 @@ def task_advantages(rollouts: list[Rollout], config: TrainConfig) -> torch.Tenso
 
 
 def train_step(student: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: Batch, config: TrainConfig,
-               num_tokens: int, d: distributed.Dist = distributed.Dist()) -> dict:
-    """One optimizer step over all micro-batches; every micro-loss divides by the step-global `num_tokens`."""
+               num_tokens: int, d: distributed.Dist = distributed.Dist(), vocab_size: int | None = None) -> dict:
+    """One optimizer step over all micro-batches; every micro-loss divides by the step-global `num_tokens`.
+
+    `vocab_size` = len(student tokenizer): distributions are formed over those ids only (DESIGN.md §5).
+    """
     student.train()
     device = next(student.parameters()).device
     totals: dict[str, float] = {}
     for start in range(0, batch.tokens_B_L.shape[0], config.micro_batch_size):
         micro = batch.select(slice(start, start + config.micro_batch_size)).to(device)
-        loss, metrics = micro_loss(student, micro, config, num_tokens)
+        loss, metrics = micro_loss(student, micro, config, num_tokens, vocab_size)
         loss.backward()
         weight = micro.num_tokens / max(batch.num_tokens, 1)  # token-weighted mean of per-micro-batch means
         totals["train/loss"] = totals.get("train/loss", 0.0) + loss.item()
@@ -179,19 +214,22 @@ def train_step(student: torch.nn.Module, optimizer: torch.optim.Optimizer, batch
     return totals
 
 
-def micro_loss(student: torch.nn.Module, micro: Batch, config: TrainConfig, num_tokens: int) -> tuple[torch.Tensor, dict]:
-    """The configured loss of one micro-batch, normalized by the step-global `num_tokens`."""
-    logits_B_T_V = student(input_ids=micro.tokens_B_L, attention_mask=micro.attention_mask_B_L).logits[:, :-1]
-    targets_B_T = micro.tokens_B_L[:, 1:]
-    if config.loss == "topk_kl":
-        return topk_forward_kl_loss(logits_B_T_V, micro.teacher_topk_ids_B_T_K, micro.teacher_topk_logprobs_B_T_K,
-                                    micro.loss_mask_B_T, num_tokens, temperature=config.divergence_temperature,
-                                    tail_bucket=config.tail_bucket, sampled_ids_B_T=targets_B_T)
-    if config.loss == "jsd":
+def micro_loss(student: torch.nn.Module, micro: Batch, config: TrainConfig, num_tokens: int,
+               vocab_size: int | None = None) -> tuple[torch.Tensor, dict]:
+    """The configured loss of one micro-batch, normalized by the step-global `num_tokens`.
+
+    Logits past `vocab_size` (a padded embedding) are dropped, so they get no gradient (DESIGN.md §5).
+    """
+    if config.loss in ("topk_kl", "jsd"):
+        logits_B_L_V = student(input_ids=micro.tokens_B_L, attention_mask=micro.attention_mask_B_L).logits
+        logits_B_T_V = vocab_logits(logits_B_L_V[:, :-1], vocab_size)
+        if config.loss == "topk_kl":
+            return topk_forward_kl_loss(logits_B_T_V, micro.teacher_topk_ids_B_T_K, micro.teacher_topk_logprobs_B_T_K,
+                                        micro.loss_mask_B_T, num_tokens, temperature=config.divergence_temperature,
+                                        tail_bucket=config.tail_bucket, sampled_ids_B_T=micro.tokens_B_L[:, 1:])
         return generalized_jsd_loss(logits_B_T_V, micro.teacher_logits_B_T_V, micro.loss_mask_B_T, num_tokens,
                                     beta=config.jsd_beta, temperature=config.divergence_temperature)
-    student_logprobs_B_T = token_logprobs(logits_B_T_V, targets_B_T, temperature=config.temperature,
-                                          top_k=config.top_k, top_p=config.top_p)
+    student_logprobs_B_T = sampled_token_logprobs(student, micro, config, vocab_size)
     advantages_B_T = reverse_kl_advantages(micro.sampler_logprobs_B_T, micro.teacher_logprobs_B_T,
                                            micro.loss_mask_B_T, kl_coef=config.kl_coef, discount=config.discount)
     if micro.advantages_B_T is not None:  # OPD + task reward: Â = A_task − λ·m·(p − q), before any normalization
@@ -203,6 +241,22 @@ def micro_loss(student: torch.nn.Module, micro: Batch, config: TrainConfig, num_
     loss, metrics = importance_sampling_loss(student_logprobs_B_T, micro.sampler_logprobs_B_T, advantages_B_T,
                                              loss_mask_B_T, num_tokens, log_ratio_cap=config.log_ratio_cap)
     return loss, metrics | opsm_metrics
+
+
+def sampled_token_logprobs(student: torch.nn.Module, micro: Batch, config: TrainConfig,
+                           vocab_size: int | None = None) -> torch.Tensor:
+    """log π_θ of each sampled token at τ, after the sampler's truncation (DESIGN.md §4).
+
+    Without truncation, on a plain-head model, logits exist only at the completion tokens and one
+    chunk at a time (opd/fused.py): at a real vocabulary the full `[B, T, V]` logits and their
+    gradient are the largest tensors of a step (bench/bench_vs_trl.py, scale b).
+    """
+    if not config.top_k and config.top_p == 1.0 and supports_fused(student):
+        return masked_token_logprobs(student, micro.tokens_B_L, micro.attention_mask_B_L, micro.loss_mask_B_T,
+                                     temperature=config.temperature, vocab_size=vocab_size)
+    logits_B_L_V = student(input_ids=micro.tokens_B_L, attention_mask=micro.attention_mask_B_L).logits
+    return token_logprobs(vocab_logits(logits_B_L_V[:, :-1], vocab_size), micro.tokens_B_L[:, 1:],
+                          temperature=config.temperature, top_k=config.top_k, top_p=config.top_p)
 
 
 def batch_metrics(batch: Batch, rollouts: list[Rollout]) -> dict[str, float]:

@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 
@@ -36,21 +37,23 @@ def global_batch(tokenizer):
     return rollouts, scores
 
 
-def gradient(batch, config, num_tokens, d) -> dict[str, torch.Tensor]:
+def gradient(batch, config, num_tokens, d, fsdp=False) -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
     student = load_model("tiny:student")
+    if fsdp:
+        distributed.shard_model(student)
     optimizer = torch.optim.SGD(student.parameters(), lr=0.0)  # lr 0: keep the gradient, not the update
     grads = {}
 
-    def keep(_):
-        grads.update({n: p.grad.clone() for n, p in student.named_parameters()})
+    def keep(_):  # a sharded gradient is gathered whole (a collective: both ranks run this hook)
+        grads.update({n: (p.grad.full_tensor() if fsdp else p.grad).clone() for n, p in student.named_parameters()})
 
     optimizer.register_step_pre_hook(lambda *args: keep(None))
     train_step(student, optimizer, batch, config, num_tokens, d)
     return grads
 
 
-def worker(rank: int, port: int, path: str):
+def worker(rank: int, port: int, path: str, fsdp: bool):
     os.environ |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2", "RANK": str(rank)}
     torch.set_num_threads(1)
     from opd.batch import collate
@@ -61,19 +64,22 @@ def worker(rank: int, port: int, path: str):
     batch = collate([rollouts[i] for i in mine], [scores[i] for i in mine], pad_id)
     num_tokens = int(distributed.all_sum(batch.num_tokens, d))
     config = load_config(None, ["micro_batch_size=3", "grad_clip=0"])
-    grads = gradient(batch, config, num_tokens, d)
+    grads = gradient(batch, config, num_tokens, d, fsdp)
     if d.main:
         torch.save(grads, path + ".out")
     distributed.close(d)
 
 
-def test_two_process_gradient_equals_the_single_process_gradient(tmp_path, tokenizer):
+@pytest.mark.parametrize("fsdp", [False, True], ids=["replicated", "fsdp2"])
+def test_two_process_gradient_equals_the_single_process_gradient(tmp_path, tokenizer, fsdp):
+    # Each rank's loss divides by the global token count, so the rank gradients SUM to the
+    # single-process one: by one flat all-reduce, or by FSDP2's reduce-scatter set to SUM.
     from opd.batch import collate
 
     rollouts, scores = global_batch(tokenizer)
     path = str(tmp_path / "batch")
     torch.save((rollouts, scores, tokenizer.pad_token_id), path + ".in")
-    mp.spawn(worker, args=(free_port(), path), nprocs=2, join=True)
+    mp.spawn(worker, args=(free_port(), path, fsdp), nprocs=2, join=True)
     two = torch.load(path + ".out")
     batch = collate(rollouts, scores, tokenizer.pad_token_id)
     one = gradient(batch, load_config(None, ["micro_batch_size=8", "grad_clip=0"]), batch.num_tokens, distributed.Dist())
@@ -82,9 +88,10 @@ def test_two_process_gradient_equals_the_single_process_gradient(tmp_path, token
         torch.testing.assert_close(two[name], g, atol=1e-6, rtol=1e-4, msg=name)
 
 
-def test_torchrun_two_processes_train_checkpoint_and_resume(tmp_path):
+@pytest.mark.parametrize("fsdp", [False, True], ids=["replicated", "fsdp2"])
+def test_torchrun_two_processes_train_checkpoint_and_resume(tmp_path, fsdp):
     out = tmp_path / "run"
-    common = ["prompts_per_step=4", "completions_per_prompt=2", "max_new_tokens=16", "eval_size=4", "train_size=32",
+    common = [f"fsdp={str(fsdp).lower()}", "prompts_per_step=4", "completions_per_prompt=2", "max_new_tokens=16", "eval_size=4", "train_size=32",
               "progress=false", "log_samples=0", "eval_every=0", "save_every=1", f"out_dir={out}"]
     env = os.environ | {"OMP_NUM_THREADS": "1"}
 

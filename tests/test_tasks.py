@@ -82,3 +82,20 @@ def test_malformed_jsonl_reports_file_line_and_field(tmp_path):
         load_gsm8k(path)
     with pytest.raises(FileNotFoundError, match="data_dir"):
         gsm8k_examples("train", data_dir=tmp_path / "missing")
+
+
+@pytest.mark.parametrize(("line", "message"), [
+    ('["q?", "a\\n#### 3"]', r"train.jsonl:3: expected a JSON object, got list"),
+    ('{"question": 7, "answer": "a\\n#### 3"}', r"train.jsonl:3: missing or empty string field 'question'"),
+    ('{"question": "q?", "answer": "  "}', r"train.jsonl:3: missing or empty string field 'answer'"),
+    ('{"question": "q?", "answer": "a\\n#### 3"', r"train.jsonl:3: not valid JSON \(.* at column \d+\)"),
+])
+def test_a_bad_last_line_fails_the_whole_file_and_its_fix_loads_every_row(tmp_path, line, message):
+    # two good rows, then the bad one: the error names file, line and field, and no examples come
+    # back (all or nothing); with the line fixed (and a blank line, which is skipped) all rows load
+    good = json.dumps({"question": "q?", "answer": "a\n#### 3"})
+    (tmp_path / "train.jsonl").write_text(f"{good}\n{good}\n{line}\n")
+    with pytest.raises(ValueError, match=message):
+        gsm8k_examples("train", data_dir=tmp_path)
+    (tmp_path / "train.jsonl").write_text(f"{good}\n{good}\n\n{good}\n")
+    assert [ex.answer for ex in gsm8k_examples("train", data_dir=tmp_path)] == ["3", "3", "3"]

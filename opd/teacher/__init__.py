@@ -30,12 +30,16 @@ class TeacherScorer(Protocol):
 
 
 def make_teacher_scorer(backend: str, model: torch.nn.Module, batch_size: int = 64, url: str | None = None,
-                        name: str | None = None) -> TeacherScorer:
-    """`url`, `name`: for the served teacher, the `vllm serve` base URL(s) and its served model name."""
+                        name: str | None = None, vocab_size: int | None = None) -> TeacherScorer:
+    """`url`, `name`: for the served teacher, the `vllm serve` base URL(s) and its served model name.
+
+    `vocab_size`: the teacher tokenizer's length; the in-process teacher forms its distributions over
+    those ids only (a padded embedding's extra rows are no tokens, DESIGN.md §5).
+    """
     if backend == "hf":
         from opd.teacher.hf import HFTeacherScorer
 
-        return HFTeacherScorer(model, batch_size=batch_size)
+        return HFTeacherScorer(model, batch_size=batch_size, vocab_size=vocab_size)
     if backend == "vllm":
         from opd.teacher.vllm import VLLMTeacherScorer  # optional dependency, GPU only
 

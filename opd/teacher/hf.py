@@ -2,7 +2,9 @@
 
 It scores `teacher_prompt_ids + completion_ids` and cuts the completion out of its own
 target space, `[len(teacher_prompt) - 1, len(teacher_prompt) - 1 + R)` (DESIGN.md §3);
-`collate` then places it at the student's positions.
+`collate` then places it at the student's positions. Given the tokenizer's `vocab_size`,
+every distribution is formed over the tokenizer's ids only, so a padded embedding scores
+exactly as the unpadded one (DESIGN.md §5).
 """
 
 from __future__ import annotations
@@ -10,8 +12,10 @@ from __future__ import annotations
 import torch
 
 from opd.batch import right_pad
-from opd.logprobs import token_logprobs
+from opd.fused import masked_token_logprobs, supports_fused
+from opd.logprobs import completion_mask, token_logprobs
 from opd.teacher import TeacherScores
+from opd.tokenization import vocab_logits
 from opd.types import Rollout
 
 
@@ -24,8 +28,13 @@ def freeze(model: torch.nn.Module) -> torch.nn.Module:
 
 @torch.inference_mode()
 def score_tokens(model: torch.nn.Module, prompts: list[list[int]], completions: list[list[int]], temperature: float,
-                 topk: int = 0, full_logits: bool = False, batch_size: int = 64) -> list[TeacherScores]:
-    """`model`'s view of each completion after its prompt, at `temperature`, aligned with the completion."""
+                 topk: int = 0, full_logits: bool = False, batch_size: int = 64,
+                 vocab_size: int | None = None) -> list[TeacherScores]:
+    """`model`'s view of each completion after its prompt, at `temperature`, aligned with the completion.
+
+    `vocab_size` = len(tokenizer): logits past it (a padded embedding) are dropped before any
+    softmax; None keeps every output row.
+    """
     if temperature <= 0:
         raise ValueError(f"scoring temperature must be > 0, got {temperature}")
     if len(prompts) != len(completions):
@@ -33,16 +42,20 @@ def score_tokens(model: torch.nn.Module, prompts: list[list[int]], completions: 
     scores = []
     for start in range(0, len(prompts), batch_size):
         chunk = slice(start, start + batch_size)
-        scores += _score_chunk(model, prompts[chunk], completions[chunk], temperature, topk, full_logits)
+        scores += _score_chunk(model, prompts[chunk], completions[chunk], temperature, topk, full_logits, vocab_size)
     return scores
 
 
-def _score_chunk(model, prompts, completions, temperature, topk, full_logits) -> list[TeacherScores]:
+def _score_chunk(model, prompts, completions, temperature, topk, full_logits, vocab_size) -> list[TeacherScores]:
     device = next(model.parameters()).device
     pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     tokens_B_L, attention_mask_B_L = right_pad([p + c for p, c in zip(prompts, completions, strict=True)], pad_id)
     tokens_B_L, attention_mask_B_L = tokens_B_L.to(device), attention_mask_B_L.to(device)
-    logits_B_T_V = model(input_ids=tokens_B_L, attention_mask=attention_mask_B_L).logits[:, :-1]
+    if not topk and not full_logits and supports_fused(model):  # logits only at the completion tokens
+        return [TeacherScores(logprobs_R=lp) for lp in _completion_logprobs(model, prompts, completions, tokens_B_L,
+                                                                             attention_mask_B_L, temperature, vocab_size)]
+    logits_B_L_V = model(input_ids=tokens_B_L, attention_mask=attention_mask_B_L).logits
+    logits_B_T_V = vocab_logits(logits_B_L_V[:, :-1], vocab_size)
     logprobs_B_T = token_logprobs(logits_B_T_V, tokens_B_L[:, 1:], temperature=temperature).cpu()
     if topk:
         k = min(topk, logits_B_T_V.shape[-1])
@@ -59,13 +72,29 @@ def _score_chunk(model, prompts, completions, temperature, topk, full_logits) ->
     return out
 
 
-class HFTeacherScorer:
-    """Scores with a frozen in-process model; applies any temperature exactly."""
+def _completion_logprobs(model, prompts, completions, tokens_B_L, attention_mask_B_L, temperature,
+                         vocab_size: int | None) -> list[torch.Tensor]:
+    """Each completion's logprobs via opd/fused.py: no `[B, T, V]` logits, no lm_head rows for prompts or padding."""
+    prompt_lens_B = torch.tensor([len(p) for p in prompts])
+    completion_lens_B = torch.tensor([len(c) for c in completions])
+    mask_B_T = completion_mask(prompt_lens_B, completion_lens_B, tokens_B_L.shape[1] - 1).to(tokens_B_L.device)
+    logprobs_B_T = masked_token_logprobs(model, tokens_B_L, attention_mask_B_L, mask_B_T, temperature,
+                                         vocab_size=vocab_size).cpu()
+    return [logprobs_B_T[row, len(p) - 1 : len(p) - 1 + len(c)].clone()
+            for row, (p, c) in enumerate(zip(prompts, completions, strict=True))]
 
-    def __init__(self, model: torch.nn.Module, batch_size: int = 64):
+
+class HFTeacherScorer:
+    """Scores with a frozen in-process model; applies any temperature exactly.
+
+    `vocab_size`: the teacher tokenizer's length (DESIGN.md §5); None scores over every output row.
+    """
+
+    def __init__(self, model: torch.nn.Module, batch_size: int = 64, vocab_size: int | None = None):
         self.model = freeze(model)
-        self.batch_size = batch_size
+        self.batch_size, self.vocab_size = batch_size, vocab_size
 
     def score(self, rollouts: list[Rollout], temperature: float, topk: int = 0, full_logits: bool = False) -> list[TeacherScores]:
         return score_tokens(self.model, [r.teacher_prompt_ids for r in rollouts], [r.completion_ids for r in rollouts],
-                            temperature, topk=topk, full_logits=full_logits, batch_size=self.batch_size)
+                            temperature, topk=topk, full_logits=full_logits, batch_size=self.batch_size,
+                            vocab_size=self.vocab_size)
