@@ -21,12 +21,12 @@ TASKS = ("arithmetic", "gsm8k", "gsm8k_privileged")
 BACKENDS = ("hf", "vllm")
 TEACHER_BACKENDS = ("hf", "vllm", "served", "none")
 DTYPES = ("float32", "bfloat16")
-TINY_ALIASES = ("tiny:teacher", "tiny:student")
+TINY_ALIASES = ("tiny:teacher", "tiny:student", "tiny:gsm8k")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    # models: a local Hugging Face folder, or the bundled "tiny:teacher" / "tiny:student"
+    # models: a local Hugging Face folder, or the bundled "tiny:teacher" / "tiny:student" / "tiny:gsm8k"
     teacher: str = "tiny:teacher"  # frozen teacher checkpoint
     student: str = "tiny:student"  # student checkpoint to train
     # task
@@ -34,6 +34,7 @@ class TrainConfig:
     data_dir: str | None = None  # folder with {train,test}.jsonl for GSM8K tasks (default: ../shared/data/gsm8k)
     train_size: int = 4096  # prompts in the training pool
     eval_size: int = 200  # held-out prompts for evaluation
+    eval_train_size: int = 0  # also evaluate the first N training prompts, logged as eval_train/* (0 = off)
     # sampling (one temperature rule: student and teacher both at τ = temperature)
     prompts_per_step: int = 16  # P
     completions_per_prompt: int = 4  # G
@@ -103,7 +104,7 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("kl_coef", "discount", "lr", "weight_decay", "grad_clip", "warmup_steps", "eval_every",
-                     "save_every", "log_samples", "top_k"):
+                     "save_every", "log_samples", "top_k", "eval_train_size"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.temperature <= 0 or (self.loss_temperature is not None and self.loss_temperature <= 0):
