@@ -1,4 +1,4 @@
-"""`opd` commands: train, train-offpolicy, demo, eval, validate, build-tiny, plot."""
+"""`opd` commands: train, train-offpolicy, demo, eval, validate, build-tiny, build-tiny-gsm8k, plot."""
 
 from __future__ import annotations
 
@@ -89,8 +89,9 @@ def summarize(run_dir: Path) -> str:
     steps = [r for r in records if "train/loss" in r]
     rows = []
     if evals:
-        for key in ("eval/student_accuracy", "eval/teacher_accuracy", "eval/trace_gap", "eval/trace_gap_pre_final",
-                    "eval/trace_gap_final", "eval/sampled_reverse_kl"):
+        for key in [f"{prefix}/{name}" for prefix in ("eval", "eval_train") for name in (  # eval_train: training rows
+                "student_accuracy", "teacher_accuracy", "trace_gap", "trace_gap_pre_final", "trace_gap_final",
+                "sampled_reverse_kl")]:
             if key in evals[0] and key in evals[-1]:
                 rows.append((key, f"step {evals[0]['step']}", evals[0][key], f"step {evals[-1]['step']}", evals[-1][key]))
     if steps:
@@ -99,8 +100,8 @@ def summarize(run_dir: Path) -> str:
             if key in head[0] and key in tail[-1]:
                 rows.append((key, "first 5 steps", statistics.mean(r[key] for r in head), "last 5 steps",
                              statistics.mean(r[key] for r in tail)))
-    lines = [f"{'metric':<28}{'before':>26}{'after':>26}"]
-    lines += [f"{k:<28}{f'{a:.4f} ({la})':>26}{f'{b:.4f} ({lb})':>26}" for k, la, a, lb, b in rows]
+    lines = [f"{'metric':<33}{'before':>26}{'after':>26}"]
+    lines += [f"{k:<33}{f'{a:.4f} ({la})':>26}{f'{b:.4f} ({lb})':>26}" for k, la, a, lb, b in rows]
     return "\n".join(lines)
 
 
@@ -136,6 +137,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--teacher-steps", type=int, default=None)
     p.add_argument("--student-steps", type=int, default=None)
     p.add_argument("--n-eval", type=int, default=200, help="held-out problems for the accuracy bands")
+    p = sub.add_parser("build-tiny-gsm8k", help="train and save the tiny GSM8K model of recipes/gsm8k_privileged.yaml")
+    p.add_argument("--out", default=None, help="output folder (default: the package's assets/tiny/gsm8k)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=None, help="pre-training steps (default: the spec's)")
+    p.add_argument("--data-dir", default=None, help="folder with GSM8K train.jsonl/test.jsonl")
     p = sub.add_parser("plot", help="write PNG curves of a run folder")
     p.add_argument("run_dir")
     args = parser.parse_args(argv)
@@ -165,6 +171,17 @@ def main(argv: list[str] | None = None) -> int:
             for name in ("teacher", "student"):
                 print(f"{name}: {report[name]['parameters']:,} parameters, held-out accuracy "
                       f"{report[name]['held_out_accuracy']:.1%}, {report[name]['train_seconds']:.0f}s")
+        elif args.command == "build-tiny-gsm8k":
+            from dataclasses import replace
+
+            from opd.tiny_gsm8k import GSM8K_DIR, SPEC, build_tiny_gsm8k
+
+            spec = replace(SPEC, max_steps=args.steps) if args.steps else SPEC
+            report = build_tiny_gsm8k(args.out or GSM8K_DIR, seed=args.seed, spec=spec, data_dir=args.data_dir)
+            rows = report["recipe_rows"]
+            print(f"{report['parameters']:,} parameters, {report['train_seconds']:.0f}s; on the recipe's {rows['n']} "
+                  f"rows: teacher NLL on its own greedy trace {rows['teacher_nll_on_own_greedy_trace']:.3f}, "
+                  f"teacher-trace gap {rows['step0_eval']['eval/trace_gap']:.3f}")
         elif args.command == "plot":
             from opd.metrics import plot_run
 

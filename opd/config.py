@@ -21,12 +21,12 @@ TASKS = ("arithmetic", "gsm8k", "gsm8k_privileged")
 BACKENDS = ("hf", "vllm")
 TEACHER_BACKENDS = ("hf", "vllm", "served", "none")
 DTYPES = ("float32", "bfloat16")
-TINY_ALIASES = ("tiny:teacher", "tiny:student")
+TINY_ALIASES = ("tiny:teacher", "tiny:student", "tiny:gsm8k")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    # models: a local Hugging Face folder, or the bundled "tiny:teacher" / "tiny:student"
+    # models: a local Hugging Face folder, or the bundled "tiny:teacher" / "tiny:student" / "tiny:gsm8k"
     teacher: str = "tiny:teacher"  # frozen teacher checkpoint
     student: str = "tiny:student"  # student checkpoint to train
     # task
@@ -34,10 +34,12 @@ class TrainConfig:
     data_dir: str | None = None  # folder with {train,test}.jsonl for GSM8K tasks (default: ../shared/data/gsm8k)
     train_size: int = 4096  # prompts in the training pool
     eval_size: int = 200  # held-out prompts for evaluation
+    eval_train_size: int = 0  # also evaluate the first N training prompts, logged as eval_train/* (0 = off)
     # sampling (one temperature rule: student and teacher both at τ = temperature)
     prompts_per_step: int = 16  # P
     completions_per_prompt: int = 4  # G
     max_new_tokens: int = 48  # completion budget; longer completions end with finish_reason "length"
+    min_new_tokens: int = 0  # > 0 forbids eos before that many tokens (benchmarks: a fixed completion length)
     temperature: float = 1.0  # τ for sampling and for every logprob in a ratio or divergence
     top_k: int = 0  # sampler top-k truncation (0 = off)
     top_p: float = 1.0  # sampler nucleus truncation (1.0 = off)
@@ -81,7 +83,7 @@ class TrainConfig:
     @property
     def sampling(self) -> Sampling:
         return Sampling(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
-                        max_new_tokens=self.max_new_tokens)
+                        max_new_tokens=self.max_new_tokens, min_new_tokens=self.min_new_tokens)
 
     @property
     def divergence_temperature(self) -> float:
@@ -102,7 +104,7 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("kl_coef", "discount", "lr", "weight_decay", "grad_clip", "warmup_steps", "eval_every",
-                     "save_every", "log_samples", "top_k"):
+                     "save_every", "log_samples", "top_k", "eval_train_size"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.temperature <= 0 or (self.loss_temperature is not None and self.loss_temperature <= 0):
@@ -112,6 +114,8 @@ class TrainConfig:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if not 0.0 <= self.jsd_beta <= 1.0:
             raise ValueError(f"jsd_beta must be in [0, 1] (0 forward KL, 1 reverse KL), got {self.jsd_beta}")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ValueError(f"min_new_tokens must be in [0, max_new_tokens={self.max_new_tokens}], got {self.min_new_tokens}")
         if self.discount >= 1.0:
             raise ValueError(f"discount must be in [0, 1), got {self.discount}")
         if self.opsm_delta is not None and self.opsm_delta < 0:

@@ -13,7 +13,9 @@ PLOTS = (  # (title, keys) of `opd plot`; missing keys are skipped
     ("loss", ("train/loss",)),
     ("sampled reverse KL (nats/token)", ("opd/sampled_reverse_kl",)),
     ("held-out greedy accuracy", ("eval/student_accuracy", "eval/teacher_accuracy")),
-    ("teacher-trace gap (nats/token)", ("eval/trace_gap", "eval/trace_gap_pre_final", "eval/trace_gap_final")),
+    ("teacher-trace gap, held-out (nats/token)", ("eval/trace_gap", "eval/trace_gap_pre_final", "eval/trace_gap_final")),
+    ("teacher-trace gap, training rows (nats/token)",
+     ("eval_train/trace_gap", "eval_train/trace_gap_pre_final", "eval_train/trace_gap_final")),
     ("completion tokens / s", ("perf/tokens_per_s",)),
 )
 

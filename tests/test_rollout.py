@@ -5,8 +5,9 @@ import torch
 
 from opd.batch import collate
 from opd.logprobs import token_logprobs
+from opd.models import load_model
 from opd.rollout import Sampling
-from opd.rollout.hf import HFRolloutEngine
+from opd.rollout.hf import HFRolloutEngine, sample_next
 from opd.tasks import arithmetic_examples
 from opd.teacher.hf import HFTeacherScorer, score_tokens
 from opd.tokenization import render_prompt
@@ -71,6 +72,58 @@ def test_seeded_sampling_is_reproducible(student, tokenizer):
     b = engine.generate(prompts(tokenizer), 2, Sampling(max_new_tokens=10), seed=7)
     c = engine.generate(prompts(tokenizer), 2, Sampling(max_new_tokens=10), seed=8)
     assert [r.completion_ids for r in a] == [r.completion_ids for r in b] != [r.completion_ids for r in c]
+
+
+@torch.no_grad()
+def test_a_padded_embedding_never_samples_its_padding_rows(tokenizer):
+    # Checkpoints pad the embedding past the tokenizer (151,936 rows for 151,665 Qwen2.5 tokens).
+    # Here 64 extra rows of large random weights (tied: the lm_head too) take nearly all the
+    # softmax mass, so a sampler over every output row would pick them almost surely.
+    V = len(tokenizer)
+    plain = load_model("tiny:student").eval()
+    padded = load_model("tiny:student").eval()
+    padded.resize_token_embeddings(V + 64, mean_resizing=False)
+    padded.get_input_embeddings().weight[V:] = 10.0 * torch.randn(64, padded.config.hidden_size,
+                                                                  generator=torch.Generator().manual_seed(0))
+    ps = prompts(tokenizer)
+    full_probs = torch.softmax(padded(input_ids=torch.tensor([ps[0]])).logits[0, -1], -1)
+    assert full_probs.shape[0] == V + 64 and full_probs[V:].sum() > 0.9  # the trap is real
+    sampling = Sampling(temperature=1.0, max_new_tokens=12)
+    want = HFRolloutEngine(plain, tokenizer).generate(ps, 2, sampling, seed=5)
+    got = HFRolloutEngine(padded, tokenizer).generate(ps, 2, sampling, seed=5)
+    for w, g in zip(want, got, strict=True):
+        assert max(g.completion_ids) < V
+        assert g.completion_ids == w.completion_ids
+        torch.testing.assert_close(torch.tensor(g.sampler_logprobs), torch.tensor(w.sampler_logprobs), atol=1e-5, rtol=0)
+
+
+def test_inverse_cdf_sampling_draws_from_the_processed_distribution():
+    # 40,000 rows of the same logits: empirical frequencies within 5 standard errors of
+    # softmax(z / τ) after top-k = 3 (ids 3 and 4 are truncated and must never appear);
+    # the reported logprob of each draw is that distribution's.
+    logits_V = torch.tensor([2.0, 1.0, 0.5, -1.0, -3.0])
+    sampling = Sampling(temperature=0.7, top_k=3)
+    z = logits_V / 0.7
+    probs = torch.cat([torch.softmax(z[:3], -1), torch.zeros(2)])
+    n = 40_000
+    ids, logprobs = sample_next(logits_V.expand(n, 5).clone(), sampling, eos_id=None, generator=torch.Generator().manual_seed(0))
+    freq = torch.bincount(ids, minlength=5).double() / n
+    assert freq[3] == 0 and freq[4] == 0
+    stderr = (probs * (1 - probs) / n).sqrt().double()
+    assert ((freq - probs.double()).abs() <= 5 * stderr + 1e-12).all(), (freq, probs)
+    torch.testing.assert_close(logprobs, probs.log()[ids])
+    # before min_new_tokens eos (here id 0, the likeliest) is removed and the rest renormalized
+    ids, logprobs = sample_next(logits_V.expand(n, 5).clone(), Sampling(temperature=0.7), eos_id=0,
+                                generator=torch.Generator().manual_seed(1))
+    assert (ids != 0).all()
+    torch.testing.assert_close(logprobs, torch.log_softmax(z[1:], -1)[ids - 1])
+
+
+@torch.no_grad()
+def test_min_new_tokens_gives_a_fixed_length_without_eos(student, tokenizer):
+    rollouts = HFRolloutEngine(student, tokenizer).generate(prompts(tokenizer), 2, Sampling(max_new_tokens=9, min_new_tokens=9), seed=1)
+    assert all(len(r.completion_ids) == 9 and r.finish_reason == "length" for r in rollouts)
+    assert all(tokenizer.eos_token_id not in r.completion_ids for r in rollouts)
 
 
 def test_scores_are_the_same_alone_or_in_a_padded_batch(teacher, student, tokenizer):

@@ -1,16 +1,36 @@
-"""The `transformers` rollout engine: batched, KV-cached generation with left padding.
+"""The `transformers` rollout engine: a KV-cached decode loop over `model(...)`, left-padded batches.
 
-The sampler logprob of each token is read from the processed scores of the very step
-that sampled it (temperature, top-k, top-p applied, renormalized), so `p` is the
-distribution that was really sampled (DESIGN.md §4) and needs no second forward.
+Why not `model.generate`: on the small models this library trains on CPU, generate's per-step
+machinery (logits-processor lists, stopping criteria, `output_scores` kept for every step and
+stacked into `[B, N, V]` at the end) and `torch.multinomial` (one exponential random number per
+vocabulary entry per row per step) cost as much as the forward itself (bench/bench_step.py).
+This loop does the same work with less around it:
+- one forward per step over the rows still running: a row that sampled eos leaves the batch
+  (its KV cache rows are dropped), so finished rows cost nothing;
+- the KV cache is preallocated for prompt + max_new_tokens and each step writes one slot in
+  place (`PreallocatedLayer`); transformers' DynamicCache concatenates, copying the whole cache
+  every step, which was the largest single cost of a decode step on the tiny student;
+- the sampler logprob of each token is read from the very distribution it was drawn from:
+  `log_softmax` of `z / τ` after top-k / top-p truncation and after min_new_tokens removed eos
+  (DESIGN.md §4), so `p` needs no second forward and equals the trainer's recomputation;
+- sampling by inverse CDF: one uniform number per row and a float64 cumulative sum, instead of
+  `V` exponentials per row; exact up to float64 rounding, and a zero-probability token (truncated,
+  or eos before min_new_tokens) can never be drawn;
+- logits are cut to the tokenizer's ids before anything else, so padded embedding rows
+  (e.g. 151,936 rows for 151,665 tokens) are never sampled and never enter a softmax (§5).
+Positions follow the attention mask (left padding), so a prompt generates the same alone or in
+a batch. The random stream is a `torch.Generator` seeded per call: deterministic, and the global
+RNG is left alone.
 """
 
 from __future__ import annotations
 
 import torch
-from transformers import GenerationConfig
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from opd.distributed import is_sharded
+from opd.logprobs import _truncation_threshold
 from opd.rollout import Sampling
 from opd.types import Rollout
 
@@ -22,6 +42,7 @@ class HFRolloutEngine:
         self.model = model
         self.pad_id = tokenizer.pad_token_id
         self.eos_id = tokenizer.eos_token_id
+        self.vocab_size = len(tokenizer)  # ids at or above this are embedding padding, never tokens
         self.batch_size = batch_size
         if self.pad_id is None or self.eos_id is None:
             raise ValueError("the tokenizer needs a pad and an eos token for batched generation")
@@ -30,52 +51,140 @@ class HFRolloutEngine:
         if model is not self.model:
             self.model.load_state_dict(model.state_dict())
 
-    def _generation_config(self, sampling: Sampling) -> GenerationConfig:
-        # Every knob explicit: transformers fills an unset top_k with 50, and a checkpoint's
-        # generation_config.json may set others; either would truncate behind our back.
-        common = dict(max_new_tokens=sampling.max_new_tokens, min_new_tokens=sampling.min_new_tokens,
-                      eos_token_id=self.eos_id, pad_token_id=self.pad_id, return_dict_in_generate=True,
-                      output_scores=True)
-        if sampling.greedy:
-            return GenerationConfig(do_sample=False, **common)
-        return GenerationConfig(do_sample=True, temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
-                                min_p=None, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0, repetition_penalty=1.0,
-                                **common)
-
     @torch.no_grad()
     def generate(self, prompts_P: list[list[int]], n: int, sampling: Sampling, seed: int) -> list[Rollout]:
         prompts = [(i, ids) for i, ids in enumerate(prompts_P) for _ in range(n)]  # prompt-major
-        torch.manual_seed(seed)
+        device = next(self.model.parameters()).device
+        generator = torch.Generator(device=device).manual_seed(seed)
         was_training = self.model.training
         self.model.eval()
         rollouts = []
         try:
             for start in range(0, len(prompts), self.batch_size):
-                rollouts += self._generate_chunk(prompts[start : start + self.batch_size], sampling)
+                rollouts += self._generate_chunk(prompts[start : start + self.batch_size], sampling, generator, device)
         finally:
             self.model.train(was_training)
         return rollouts
 
-    def _generate_chunk(self, prompts: list[tuple[int, list[int]]], sampling: Sampling) -> list[Rollout]:
-        device = next(self.model.parameters()).device
+    def _generate_chunk(self, prompts: list[tuple[int, list[int]]], sampling: Sampling, generator: torch.Generator,
+                        device: torch.device) -> list[Rollout]:
+        B, N = len(prompts), sampling.max_new_tokens
         width = max(len(ids) for _, ids in prompts)
-        input_ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros_like(input_ids)
-        for row, (_, ids) in enumerate(prompts):  # left padding; generate derives positions from the mask
-            input_ids[row, width - len(ids) :] = torch.tensor(ids)
-            attention_mask[row, width - len(ids) :] = 1
-        out = self.model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                                  generation_config=self._generation_config(sampling),
-                                  synced_gpus=is_sharded(self.model))  # FSDP: ranks decode in lockstep
-        new_tokens_B_N = out.sequences[:, width:].cpu()
-        scores_B_N_V = torch.stack(out.scores, dim=1).float()
-        logprobs_B_N = torch.log_softmax(scores_B_N_V, dim=-1).gather(-1, new_tokens_B_N.to(scores_B_N_V.device)[..., None])
-        logprobs_B_N = logprobs_B_N.squeeze(-1).cpu()
-        rollouts = []
-        for row, (prompt_index, ids) in enumerate(prompts):
-            tokens = new_tokens_B_N[row].tolist()
-            stop = tokens.index(self.eos_id) + 1 if self.eos_id in tokens else None
-            rollouts.append(Rollout(
-                prompt_ids=list(ids), completion_ids=tokens[:stop], sampler_logprobs=logprobs_B_N[row, :stop].tolist(), finish_reason="stop" if stop else "length",
-                prompt_index=prompt_index))
-        return rollouts
+        input_ids_B_W = torch.full((B, width), self.pad_id, dtype=torch.long)
+        attention_mask_B_W = torch.zeros_like(input_ids_B_W)
+        for row, (_, ids) in enumerate(prompts):  # left padding; positions follow the mask
+            input_ids_B_W[row, width - len(ids) :] = torch.tensor(ids)
+            attention_mask_B_W[row, width - len(ids) :] = 1
+        input_ids_A_S, attention_mask_A_W = input_ids_B_W.to(device), attention_mask_B_W.to(device)
+        position_ids_A_S = (attention_mask_A_W.cumsum(-1) - 1).clamp(min=0)
+        tokens_B_N = torch.full((B, N), self.pad_id, dtype=torch.long, device=device)
+        logprobs_B_N = torch.zeros((B, N), device=device)
+        stop_B = torch.zeros(B, dtype=torch.long, device=device)  # completion length if eos was sampled, else 0
+        rows_A = torch.arange(B, device=device)  # original row of each running (A) row
+        cache = preallocated_cache(self.model.config, width + N)
+        lockstep = is_sharded(self.model)  # FSDP (opd/distributed.py)
+        for step in range(N):
+            logits_A_V = self.model(input_ids=input_ids_A_S, attention_mask=attention_mask_A_W,
+                                    position_ids=position_ids_A_S, past_key_values=cache, use_cache=True,
+                                    logits_to_keep=1).logits[:, -1, : self.vocab_size]
+            ids_A, logprobs_A = sample_next(logits_A_V, sampling, eos_id=self.eos_id if step < sampling.min_new_tokens
+                                            else None, generator=generator)
+            tokens_B_N[rows_A, step], logprobs_B_N[rows_A, step] = ids_A, logprobs_A
+            running_A = ids_A != self.eos_id
+            if lockstep:  # every row stays: a sharded forward is a collective, so each rank runs all N of them
+                first_A = ~running_A & (stop_B[rows_A] == 0)
+                stop_B[rows_A[first_A]] = step + 1
+            elif not running_A.all():  # finished rows leave the batch and the cache
+                stop_B[rows_A[~running_A]] = step + 1
+                keep_A = running_A.nonzero().squeeze(1)
+                if keep_A.numel() == 0:
+                    break
+                cache.batch_select_indices(keep_A)
+                rows_A, ids_A = rows_A[keep_A], ids_A[keep_A]
+                attention_mask_A_W, position_ids_A_S = attention_mask_A_W[keep_A], position_ids_A_S[keep_A]
+            input_ids_A_S = ids_A[:, None]
+            position_ids_A_S = position_ids_A_S[:, -1:] + 1
+            attention_mask_A_W = torch.cat([attention_mask_A_W, attention_mask_A_W.new_ones((len(rows_A), 1))], dim=1)
+        tokens, logprobs, stops = tokens_B_N.tolist(), logprobs_B_N.tolist(), stop_B.tolist()
+        return [Rollout(prompt_ids=list(ids), completion_ids=tokens[row][: stops[row] or N],
+                        sampler_logprobs=logprobs[row][: stops[row] or N], finish_reason="stop" if stops[row] else "length",
+                        prompt_index=prompt_index)
+                for row, (prompt_index, ids) in enumerate(prompts)]
+
+
+class PreallocatedLayer(DynamicLayer):
+    """A full-attention KV layer written in place into `[B, H, max_len, D]` buffers; it hands out views.
+
+    Same contract as transformers' DynamicLayer (whose concatenation copies the cache each step);
+    `batch_select_indices` drops finished rows. Only replaces plain DynamicLayers (full attention).
+    """
+
+    def __init__(self, max_len: int):
+        super().__init__()
+        self.max_len, self.length = max_len, 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.key_buffer = key_states.new_empty((*key_states.shape[:2], self.max_len, key_states.shape[-1]))
+        self.value_buffer = value_states.new_empty((*value_states.shape[:2], self.max_len, value_states.shape[-1]))
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self.length + key_states.shape[-2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache of {self.max_len} positions cannot take position {end}")
+        self.key_buffer[:, :, self.length : end] = key_states
+        self.value_buffer[:, :, self.length : end] = value_states
+        self.length = end
+        self.keys, self.values = self.key_buffer[:, :, :end], self.value_buffer[:, :, :end]
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.is_initialized:
+            self.key_buffer, self.value_buffer = self.key_buffer[indices], self.value_buffer[indices]
+            self.keys, self.values = self.key_buffer[:, :, : self.length], self.value_buffer[:, :, : self.length]
+
+
+def preallocated_cache(config, max_len: int) -> DynamicCache:
+    """transformers' own cache for `config`, with each plain full-attention layer preallocated."""
+    cache = DynamicCache(config=config)
+    cache.layers = [PreallocatedLayer(max_len) if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    return cache
+
+
+def sample_next(logits_A_V: torch.Tensor, sampling: Sampling, eos_id: int | None,
+                generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids_A, logprobs_A): one token per row and its logprob under the distribution it was drawn from.
+
+    `eos_id` (before min_new_tokens) is removed first, as transformers' MinNewTokensLengthLogitsProcessor
+    does; then z = logits / τ, truncated by top-k then top-p with the trainer's own threshold
+    (`opd.logprobs`), so the logprob equals `token_logprobs` recomputed on the same logits. Greedy
+    takes the argmax of the raw logits and reports its logprob under softmax(logits).
+    """
+    z_A_V = logits_A_V.float()
+    if eos_id is not None:
+        z_A_V[:, eos_id] = float("-inf")
+    if sampling.greedy:
+        logprobs_A_V = torch.log_softmax(z_A_V, dim=-1)
+        ids_A = logprobs_A_V.argmax(-1)
+        return ids_A, logprobs_A_V.gather(-1, ids_A[:, None]).squeeze(1)
+    z_A_V = z_A_V / sampling.temperature
+    if (0 < sampling.top_k < z_A_V.shape[-1]) or sampling.top_p < 1.0:
+        threshold_A = _truncation_threshold(z_A_V, 1.0, sampling.top_k, sampling.top_p, chunk_size=z_A_V.shape[0])
+        z_A_V.masked_fill_(z_A_V < threshold_A[:, None], float("-inf"))
+    logprobs_A_V = torch.log_softmax(z_A_V, dim=-1)
+    cdf_A_V = torch.cumsum(logprobs_A_V.exp(), dim=-1, dtype=torch.float64)
+    u_A_1 = torch.rand((z_A_V.shape[0], 1), generator=generator, device=z_A_V.device, dtype=torch.float64)
+    # first id whose cdf exceeds u·total: an id of zero probability never does (its cdf equals its
+    # predecessor's); u·total rounding up to the total itself falls back to the last id of positive mass
+    ids_A = torch.searchsorted(cdf_A_V, u_A_1 * cdf_A_V[:, -1:], right=True).squeeze(1)
+    past_end_A = ids_A >= z_A_V.shape[-1]
+    if past_end_A.any():
+        last_positive_A = z_A_V.shape[-1] - 1 - torch.isfinite(z_A_V).flip(-1).int().argmax(-1)
+        ids_A = torch.where(past_end_A, last_positive_A, ids_A)
+    return ids_A, logprobs_A_V.gather(-1, ids_A[:, None]).squeeze(1)

@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 
 from opd.batch import right_pad
-from opd.logprobs import token_logprobs
+from opd.fused import masked_token_logprobs, supports_fused
+from opd.logprobs import completion_mask, token_logprobs
 from opd.teacher import TeacherScores
 from opd.tokenization import vocab_logits
 from opd.types import Rollout
@@ -50,6 +51,9 @@ def _score_chunk(model, prompts, completions, temperature, topk, full_logits, vo
     pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     tokens_B_L, attention_mask_B_L = right_pad([p + c for p, c in zip(prompts, completions, strict=True)], pad_id)
     tokens_B_L, attention_mask_B_L = tokens_B_L.to(device), attention_mask_B_L.to(device)
+    if not topk and not full_logits and supports_fused(model):  # logits only at the completion tokens
+        return [TeacherScores(logprobs_R=lp) for lp in _completion_logprobs(model, prompts, completions, tokens_B_L,
+                                                                             attention_mask_B_L, temperature, vocab_size)]
     logits_B_L_V = model(input_ids=tokens_B_L, attention_mask=attention_mask_B_L).logits
     logits_B_T_V = vocab_logits(logits_B_L_V[:, :-1], vocab_size)
     logprobs_B_T = token_logprobs(logits_B_T_V, tokens_B_L[:, 1:], temperature=temperature).cpu()
@@ -66,6 +70,18 @@ def _score_chunk(model, prompts, completions, temperature, topk, full_logits, vo
             topk_logprobs_R_K=topk_logprobs_B_T_K[row, span].clone() if topk else None,
             logits_R_V=logits_B_T_V[row, span].float().cpu().clone() if full_logits else None))
     return out
+
+
+def _completion_logprobs(model, prompts, completions, tokens_B_L, attention_mask_B_L, temperature,
+                         vocab_size: int | None) -> list[torch.Tensor]:
+    """Each completion's logprobs via opd/fused.py: no `[B, T, V]` logits, no lm_head rows for prompts or padding."""
+    prompt_lens_B = torch.tensor([len(p) for p in prompts])
+    completion_lens_B = torch.tensor([len(c) for c in completions])
+    mask_B_T = completion_mask(prompt_lens_B, completion_lens_B, tokens_B_L.shape[1] - 1).to(tokens_B_L.device)
+    logprobs_B_T = masked_token_logprobs(model, tokens_B_L, attention_mask_B_L, mask_B_T, temperature,
+                                         vocab_size=vocab_size).cpu()
+    return [logprobs_B_T[row, len(p) - 1 : len(p) - 1 + len(c)].clone()
+            for row, (p, c) in enumerate(zip(prompts, completions, strict=True))]
 
 
 class HFTeacherScorer:

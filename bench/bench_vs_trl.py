@@ -1,0 +1,327 @@
+"""opd against TRL's on-policy distillation trainer on the same work, at two model scales.
+
+    python bench/bench_vs_trl.py [--quick] [--repeats 3] [--scales a,b,quality] [--threads 1]
+
+Same teacher and student, same prompts in the same order (opd's `step_prompts`; TRL gets each
+prompt repeated G times with shuffling off, since it makes one completion per prompt), same
+sequences per step, temperature 1, fp32, AdamW at a constant lr with grad clip 1.0, no vLLM, no
+gradient checkpointing, the same number of steps. TRL runs `trl.DistillationTrainer` with
+`beta=1.0` (reverse KL over the full vocabulary, computed chunk-wise from hidden states); opd runs
+`loss=jsd jsd_beta=1` (the same objective) and its default sampled-token reverse KL.
+
+Scales: (a) the bundled tiny pair (0.69M student, 3.9M teacher, 2,048-token vocabulary); (b) a pair
+built here from `transformers` Llama configs with a 32,000-token vocabulary (23M-parameter student,
+42M teacher, random weights). The speed runs force a fixed completion length
+(`min_new_tokens = max_new_tokens`) so both trainers generate, score and train on the same number of
+tokens. The quality runs (scale a, natural stopping) train each trainer and then score every final
+student with the same held-out evaluation: opd's sampled reverse KL (`opd.evaluate.Evaluator`) on
+200 test prompts.
+
+Every run is a fresh subprocess (so peak RSS, from getrusage, is one trainer's), runs alternate
+trainer by trainer within each repetition (rotating the order) so machine noise hits all of them,
+and the table reports medians over repetitions of per-run medians over steps (the first step of a
+run, a warm-up, is left out). Times are wall-clock. TRL's generation and teacher-forward times come
+from timers wrapped around its `_generate` and the teacher's `_get_last_hidden_state`; TRL projects
+the teacher's hidden states to logits inside its loss, so that part counts as training for TRL.
+Writes bench/results/bench_vs_trl.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+SCALE_B_DIR = RESULTS / "models" / "scale_b"
+TRAINERS = ("trl", "opd_jsd", "opd")
+SEED = 0
+
+# P prompts x G completions per step, N completion tokens, measured steps (+1 warm-up step).
+SCALES = {
+    "a": dict(teacher="tiny:teacher", student="tiny:student", P=32, G=4, N=40, steps=6, lr=1e-3, fixed=True),
+    "b": dict(teacher=str(SCALE_B_DIR / "teacher"), student=str(SCALE_B_DIR / "student"), P=4, G=4, N=64, steps=4,
+              lr=1e-4, fixed=True),
+    "quality": dict(teacher="tiny:teacher", student="tiny:student", P=16, G=4, N=40, steps=40, lr=1e-3, fixed=False),
+}
+QUICK = {"a": dict(steps=3), "b": dict(steps=2, N=32), "quality": dict(steps=8)}
+SCALE_B_CONFIGS = {  # Llama configs; tied embeddings as in most small open models
+    "student": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=6, num_key_value_heads=6,
+                    intermediate_size=1024),
+    "teacher": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8,
+                    intermediate_size=1376),
+}
+SCALE_B_VOCAB = 32_000
+
+
+def build_scale_b() -> None:
+    """Random-weight teacher and student with a 32,000-token vocabulary, saved as Hugging Face folders.
+
+    The tokenizer is the bundled tiny one plus added placeholder tokens up to 32,000 ids, so prompts
+    tokenize as at scale (a) while sampling, scoring and the losses run over a real-sized vocabulary.
+    """
+    if all((SCALE_B_DIR / name / "model.safetensors").is_file() for name in SCALE_B_CONFIGS):
+        return
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from opd.models import load_tokenizer
+
+    tokenizer = load_tokenizer("tiny:student")
+    tokenizer.add_tokens([f"<|x{i}|>" for i in range(SCALE_B_VOCAB - len(tokenizer))])
+    assert len(tokenizer) == SCALE_B_VOCAB, len(tokenizer)
+    for seed, (name, shape) in enumerate(SCALE_B_CONFIGS.items()):
+        torch.manual_seed(seed)
+        config = LlamaConfig(vocab_size=SCALE_B_VOCAB, max_position_embeddings=512, tie_word_embeddings=True,
+                             pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                             eos_token_id=tokenizer.eos_token_id, **shape)
+        model = LlamaForCausalLM(config)
+        model.save_pretrained(SCALE_B_DIR / name)
+        tokenizer.save_pretrained(SCALE_B_DIR / name)
+        print(f"built scale-b {name}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters", flush=True)
+
+
+# ---------------------------------------------------------------- workers (one per subprocess)
+
+def _examples(spec: dict):
+    from opd.tasks import load_task
+    return load_task("arithmetic", "train", spec["train_size"], spec["seed"], None)
+
+
+def worker_trl(spec: dict) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import DistillationConfig, DistillationTrainer
+
+    from opd.models import load_model, load_tokenizer
+    from opd.tokenization import render_prompt
+    from opd.train import step_prompts
+
+    P, G, N, steps = spec["P"], spec["G"], spec["N"], spec["steps"]
+    tokenizer = load_tokenizer(spec["student"])
+    tokenizer.padding_side = "left"
+    student, teacher = load_model(spec["student"], device="cpu"), load_model(spec["teacher"], device="cpu")
+    examples = _examples(spec)
+    chosen = [i for step in range(1, steps + 1) for i in step_prompts(len(examples), P, spec["seed"], step)]
+    dataset = Dataset.from_list([{"prompt": examples[i].prompt} for i in chosen for _ in range(G)])
+    args = DistillationConfig(
+        output_dir=spec["out_dir"], per_device_train_batch_size=P * G, gradient_accumulation_steps=1, max_steps=steps,
+        learning_rate=spec["lr"], lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
+        bf16=False, fp16=False, use_cpu=True, gradient_checkpointing=False, beta=1.0, temperature=1.0, top_k=0,
+        top_p=1.0, max_completion_length=N, generation_kwargs={"min_new_tokens": N} if spec["fixed"] else None,
+        shuffle_dataset=False, disable_dropout=True, logging_steps=1, save_strategy="no", report_to="none",
+        seed=spec["seed"], disable_tqdm=True, dataloader_num_workers=0)
+    records, current = [], {"generate_s": 0.0, "score_s": 0.0, "tokens": 0}
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            current.update(generate_s=0.0, score_s=0.0, tokens=0, t0=time.perf_counter())
+
+        def on_step_end(self, *a, **k):
+            step_s = time.perf_counter() - current.pop("t0")
+            records.append({"step_s": step_s, "train_s": step_s - current["generate_s"] - current["score_s"], **current})
+
+    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=dataset,
+                                  processing_class=tokenizer, callbacks=[StepTimer()])
+    # Same prompt ids as opd's render_prompt, or the comparison is off.
+    assert trainer._tokenize_prompts([examples[chosen[0]].prompt])[0][0] == render_prompt(tokenizer, examples[chosen[0]].prompt)
+    generate, hidden = trainer._generate, trainer._get_last_hidden_state
+
+    def timed_generate(prompts):
+        t = time.perf_counter()
+        out = generate(prompts)
+        current["generate_s"] += time.perf_counter() - t
+        current["tokens"] += sum(len(ids) for ids in out[1])
+        return out
+
+    def timed_hidden(model, *a, **k):
+        if torch.is_grad_enabled():  # the student's forward, part of training
+            return hidden(model, *a, **k)
+        t = time.perf_counter()
+        out = hidden(model, *a, **k)
+        current["score_s"] += time.perf_counter() - t
+        return out
+
+    trainer._generate, trainer._get_last_hidden_state = timed_generate, timed_hidden
+    trainer.train()
+    if spec.get("save"):
+        trainer.save_model(spec["final_dir"])
+    return {"steps": records}
+
+
+def worker_opd(spec: dict) -> dict:
+    from opd.config import load_config
+    from opd.metrics import read_metrics
+    from opd.train import train
+
+    loss = ["loss=jsd", "jsd_beta=1.0"] if spec["trainer"] == "opd_jsd" else ["loss=reverse_kl"]
+    overrides = [f"teacher={spec['teacher']}", f"student={spec['student']}", "task=arithmetic",
+                 f"train_size={spec['train_size']}", "eval_size=8", f"prompts_per_step={spec['P']}",
+                 f"completions_per_prompt={spec['G']}", f"max_new_tokens={spec['N']}",
+                 f"min_new_tokens={spec['N'] if spec['fixed'] else 0}", "temperature=1.0", *loss,
+                 f"steps={spec['steps']}", f"lr={spec['lr']}", "lr_schedule=constant", "warmup_steps=0",
+                 "weight_decay=0.0", "grad_clip=1.0", f"micro_batch_size={spec['P'] * spec['G']}", "device=cpu",
+                 f"seed={spec['seed']}", f"out_dir={spec['out_dir']}", "eval_every=0", "save_every=0",
+                 "progress=false", "log_samples=0"]
+    run_dir = train(load_config(None, overrides))
+    records = [{"step_s": r["perf/step_s"], "generate_s": r["perf/generate_s"], "score_s": r["perf/score_s"],
+                "train_s": r["perf/train_s"], "tokens": round(r["perf/tokens_per_s"] * r["perf/step_s"])}
+               for r in read_metrics(run_dir) if "perf/step_s" in r]
+    if spec.get("save"):
+        os.replace(Path(run_dir) / "final", spec["final_dir"])
+    return {"steps": records}
+
+
+def worker_eval(spec: dict) -> dict:
+    """opd's held-out sampled reverse KL of a final student, the same evaluation for every trainer."""
+    from opd.evaluate import Evaluator
+    from opd.models import load_model, load_tokenizer
+    from opd.tasks import load_task
+
+    tokenizer = load_tokenizer(spec["student"])
+    teacher, student = load_model(spec["teacher"], device="cpu").eval(), load_model(spec["final_dir"], device="cpu").eval()
+    examples = load_task("arithmetic", "test", 200, 0, None)
+    evaluator = Evaluator(teacher, tokenizer, load_tokenizer(spec["teacher"]), examples, temperature=1.0,
+                          max_new_tokens=spec["N"], seed=0)
+    return evaluator.sampled_metrics(student)
+
+
+def worker(spec: dict) -> None:
+    import torch
+    torch.set_num_threads(spec["threads"])
+    start = time.perf_counter()
+    result = {"worker": worker_eval, "trl": worker_trl, "opd": worker_opd, "opd_jsd": worker_opd}[
+        "worker" if spec.get("eval") else spec["trainer"]](spec)
+    result["wall_s"] = time.perf_counter() - start
+    result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    Path(spec["result"]).write_text(json.dumps(result))
+
+
+# ---------------------------------------------------------------- driver
+
+def run_subprocess(spec: dict) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(spec["threads"]),
+           "MKL_NUM_THREADS": str(spec["threads"]), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "TRANSFORMERS_VERBOSITY": "error"}
+    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], cwd=ROOT, env=env,
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"worker {spec['trainer']} failed:\n{proc.stderr[-4000:]}")
+    return json.loads(Path(spec["result"]).read_text())
+
+
+def summarize_run(run: dict, warmup: int = 1) -> dict:
+    steps = run["steps"][warmup:] or run["steps"]
+    med = {key: statistics.median(s[key] for s in steps) for key in ("step_s", "generate_s", "score_s", "train_s")}
+    med["tokens_per_s"] = sum(s["tokens"] for s in steps) / sum(s["step_s"] for s in steps)
+    med["tokens_per_step"] = statistics.median(s["tokens"] for s in steps)
+    return med | {"peak_rss_mib": run["peak_rss_mib"]}
+
+
+def median_over_reps(runs: list[dict]) -> dict:
+    return {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+
+
+def table(results: dict) -> str:
+    lines = []
+    for scale, by_trainer in results.items():
+        s = SCALES_USED[scale]
+        pair = "scale-b teacher (42M) -> student (23M), 32k vocab" if scale == "b" else "tiny:teacher -> tiny:student"
+        lines.append(f"\nscale {'a, quality' if scale == 'quality' else scale}: {pair}, {s['P']} prompts x {s['G']} = "
+                     f"{s['P'] * s['G']} sequences/step, {'exactly' if s['fixed'] else 'up to'} {s['N']} tokens, "
+                     f"{s['steps']} steps (medians of {len(by_trainer['trl']['runs'])} runs)")
+        header = "| trainer | step s | tokens/s | vs TRL | generate s | teacher s | train s | peak RSS MiB | vs TRL |"
+        if scale == "quality":
+            header += " final sampled reverse KL |"
+        lines += [header, "|" + " --- |" * (header.count("|") - 1)]
+        trl = by_trainer["trl"]["median"]
+        for trainer, r in by_trainer.items():
+            m = r["median"]
+            row = (f"| {trainer} | {m['step_s']:.2f} | {m['tokens_per_s']:.0f} | {m['tokens_per_s'] / trl['tokens_per_s']:.2f}x"
+                   f" | {m['generate_s']:.2f} | {m['score_s']:.2f} | {m['train_s']:.2f} | {m['peak_rss_mib']:.0f}"
+                   f" | {m['peak_rss_mib'] / trl['peak_rss_mib']:.2f}x |")
+            if scale == "quality":
+                row += f" {m['final_sampled_reverse_kl']:.3f} |"
+            lines.append(row)
+    return "\n".join(lines)
+
+
+SCALES_USED: dict = {}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer steps (a smoke test, not a measurement)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--scales", default="a,b,quality", help="comma-separated subset of a, b, quality")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per run (1: the 2 cores here are shared)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    sys.path.insert(0, str(ROOT))
+    if args.worker:
+        worker(json.loads(args.worker))
+        return
+    scales = args.scales.split(",")
+    for name in scales:
+        SCALES_USED[name] = SCALES[name] | (QUICK[name] if args.quick else {})
+        SCALES_USED[name]["steps"] += 1  # + the warm-up step left out of the medians
+    if "b" in scales:
+        build_scale_b()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    raw = {name: {t: [] for t in TRAINERS} for name in scales}
+    with tempfile.TemporaryDirectory(prefix="bench_vs_trl_") as tmp:
+        for rep in range(args.repeats):
+            for name in scales:
+                order = TRAINERS[rep % 3:] + TRAINERS[: rep % 3]  # rotate, so no trainer always runs first
+                for trainer in order:
+                    run_dir = Path(tmp) / f"{name}_{trainer}_{rep}"
+                    spec = SCALES_USED[name] | {"trainer": trainer, "seed": SEED + rep, "threads": args.threads,
+                                                "train_size": 4096, "out_dir": str(run_dir),
+                                                "result": str(run_dir) + ".json", "save": name == "quality",
+                                                "final_dir": str(run_dir) + "_final"}
+                    run = run_subprocess(spec)
+                    if name == "quality":
+                        run["eval"] = run_subprocess(spec | {"eval": True, "result": str(run_dir) + "_eval.json"})
+                    raw[name][trainer].append(run)
+                    s = summarize_run(run)
+                    print(f"rep {rep} scale {name} {trainer:8s} step {s['step_s']:.2f}s  {s['tokens_per_s']:.0f} tok/s  "
+                          f"gen {s['generate_s']:.2f} score {s['score_s']:.2f} train {s['train_s']:.2f}  "
+                          f"RSS {s['peak_rss_mib']:.0f} MiB"
+                          + (f"  KL {run['eval']['eval/sampled_reverse_kl']:.3f}" if name == "quality" else ""), flush=True)
+    results = {}
+    for name in scales:
+        results[name] = {}
+        for trainer in TRAINERS:
+            runs = []
+            for run in raw[name][trainer]:
+                s = summarize_run(run)
+                if name == "quality":
+                    s["final_sampled_reverse_kl"] = run["eval"]["eval/sampled_reverse_kl"]
+                runs.append(s)
+            results[name][trainer] = {"median": median_over_reps(runs), "runs": runs}
+    text = table(results)
+    print(text)
+    import torch
+    import transformers
+    import trl
+    meta = {"versions": {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__,
+                         "python": platform.python_version()},
+            "cpus": os.cpu_count(), "threads": args.threads, "loadavg_end": os.getloadavg(), "quick": args.quick,
+            "repeats": args.repeats, "scales": SCALES_USED}
+    out = RESULTS / "bench_vs_trl.json"
+    out.write_text(json.dumps({"meta": meta, "results": results, "raw": raw, "table": text}, indent=1))
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()

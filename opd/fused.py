@@ -1,0 +1,106 @@
+"""Token logprobs straight from hidden states: the `[B, T, V]` logits are never materialized.
+
+The sampled-token loss and the teacher's scores need one number per completion token,
+`log softmax(h_t W^T / τ)[y_t]`, yet a plain forward builds logits for every position, prompt and
+padding included (at a 32k vocabulary, 154 MB for 16 × 75 tokens; its gradient as much again).
+Here the backbone's last hidden states are gathered at the active positions only (the loss mask),
+and the output projection runs `chunk_size` rows at a time, in fp32; the backward recomputes each
+chunk's softmax. The idea is Liger-Kernel's fused linear cross-entropy and TRL's
+`_chunked_divergence_loss`; unlike them the chunk function returns logprobs, so every loss of
+`opd.losses` can use it unchanged.
+
+Only for models whose logits are exactly `lm_head(last_hidden_state)` (no bias, no logit scale or
+soft-capping): `supports_fused` checks that, and callers fall back to the full forward otherwise.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+# Causal LMs whose head is a plain bias-free linear map of the final normed hidden state.
+PLAIN_HEAD_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gpt_neox", "olmo", "olmo2", "phi3", "smollm3")
+
+
+def supports_fused(model: torch.nn.Module) -> bool:
+    """True when `model`'s logits are `lm_head(base_model(...).last_hidden_state)` and nothing else."""
+    from opd.distributed import is_sharded
+
+    if is_sharded(model):  # calling the backbone directly would skip FSDP's unsharding of the root's parameters
+        return False
+    config = model.config
+    head = model.get_output_embeddings()
+    scaled = any(getattr(config, name, None) not in (None, 1.0) for name in
+                 ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier"))
+    return (config.model_type in PLAIN_HEAD_MODEL_TYPES and isinstance(head, torch.nn.Linear) and head.bias is None
+            and not scaled and hasattr(model, model.base_model_prefix))
+
+
+class _LinearLogSoftmaxGather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden_N_H: Tensor, weight_V_H: Tensor, ids_N: Tensor, temperature: float, chunk_size: int):
+        out_N = torch.empty(ids_N.shape, dtype=torch.float32, device=hidden_N_H.device)
+        lse_N = torch.empty_like(out_N)
+        for start in range(0, hidden_N_H.shape[0], chunk_size):
+            rows = slice(start, start + chunk_size)
+            z_C_V = (hidden_N_H[rows] @ weight_V_H.T).float().div_(temperature)
+            lse_N[rows] = torch.logsumexp(z_C_V, dim=-1)
+            out_N[rows] = z_C_V.gather(-1, ids_N[rows, None]).squeeze(-1) - lse_N[rows]
+        ctx.save_for_backward(hidden_N_H, weight_V_H, ids_N, lse_N)
+        ctx.temperature, ctx.chunk_size = temperature, chunk_size
+        return out_N
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out_N: Tensor):
+        hidden_N_H, weight_V_H, ids_N, lse_N = ctx.saved_tensors
+        grad_hidden_N_H = torch.zeros_like(hidden_N_H) if ctx.needs_input_grad[0] else None
+        grad_weight_V_H = torch.zeros_like(weight_V_H) if ctx.needs_input_grad[1] else None
+        for start in range(0, hidden_N_H.shape[0], ctx.chunk_size):
+            rows = slice(start, start + ctx.chunk_size)
+            h_C_H = hidden_N_H[rows]
+            z_C_V = (h_C_H @ weight_V_H.T).float().div_(ctx.temperature)
+            # d(z_y - lse)/dz = onehot(y) - softmax(z); times the upstream gradient and 1/τ.
+            g_C = grad_out_N[rows].float() / ctx.temperature
+            grad_z_C_V = torch.exp(z_C_V - lse_N[rows, None]).mul_(-g_C[:, None])
+            grad_z_C_V.scatter_add_(-1, ids_N[rows, None], g_C[:, None])
+            grad_z_C_V = grad_z_C_V.to(h_C_H.dtype)
+            if grad_hidden_N_H is not None:
+                grad_hidden_N_H[rows] = grad_z_C_V @ weight_V_H
+            if grad_weight_V_H is not None:
+                grad_weight_V_H.addmm_(grad_z_C_V.T, h_C_H)
+        return grad_hidden_N_H, grad_weight_V_H, None, None, None
+
+
+def linear_token_logprobs(hidden_N_H: Tensor, weight_V_H: Tensor, ids_N: Tensor, temperature: float = 1.0,
+                          chunk_size: int = 256) -> Tensor:
+    """`log_softmax(hidden @ weight.T / temperature)[ids]` per row, fp32, `chunk_size` rows of logits at a time.
+
+    hidden_N_H: `[N, H]`; weight_V_H: `[V, H]` (pass `weight[:len(tokenizer)]` to drop padded rows);
+    ids_N: `[N]` in `[0, V)`. Equals the materialized computation in value and in the gradients of
+    `hidden` and `weight` (tests/test_fused.py).
+    """
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    if ids_N.numel() and (ids_N.min() < 0 or ids_N.max() >= weight_V_H.shape[0]):
+        raise ValueError(f"target ids must be in [0, {weight_V_H.shape[0]}), got range [{ids_N.min()}, {ids_N.max()}]")
+    return _LinearLogSoftmaxGather.apply(hidden_N_H, weight_V_H, ids_N, float(temperature), chunk_size)
+
+
+def masked_token_logprobs(model: torch.nn.Module, tokens_B_L: Tensor, attention_mask_B_L: Tensor, mask_B_T: Tensor,
+                          temperature: float = 1.0, vocab_size: int | None = None) -> Tensor:
+    """logprobs_B_T of `tokens_B_L[:, 1:]` under `model` at the positions where `mask_B_T` is set, 0.0 elsewhere.
+
+    The same values as `token_logprobs(model(...).logits[:, :-1], tokens[:, 1:], temperature)` on the
+    mask (DESIGN.md §3: masked positions hold 0.0), with logits only for the active rows.
+    `vocab_size`: logits past it (padded embedding rows) are left out of the softmax.
+    """
+    hidden_B_L_H = getattr(model, model.base_model_prefix)(input_ids=tokens_B_L,
+                                                           attention_mask=attention_mask_B_L).last_hidden_state
+    active_B_T = mask_B_T != 0
+    weight_V_H = model.get_output_embeddings().weight[:vocab_size]
+    logprobs_N = linear_token_logprobs(hidden_B_L_H[:, :-1][active_B_T], weight_V_H, tokens_B_L[:, 1:][active_B_T],
+                                       temperature)
+    return torch.zeros(mask_B_T.shape, dtype=logprobs_N.dtype, device=logprobs_N.device).masked_scatter(
+        active_B_T, logprobs_N)

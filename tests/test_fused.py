@@ -1,0 +1,64 @@
+"""Logprobs from hidden states (opd/fused.py) equal the materialized logits path, value and gradient."""
+
+import copy
+
+import torch
+
+from opd.fused import linear_token_logprobs, masked_token_logprobs, supports_fused
+from opd.logprobs import completion_mask, token_logprobs
+from opd.teacher.hf import score_tokens
+
+
+def test_linear_token_logprobs_equals_log_softmax_of_the_full_logits_in_value_and_gradient():
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(37, 16, generator=g, requires_grad=True)  # 37 rows: chunks of 16, 16 and a ragged 5
+    weight = torch.randn(50, 16, generator=g, requires_grad=True)
+    ids = torch.randint(0, 50, (37,), generator=g)
+    upstream = torch.randn(37, generator=g)
+    upstream[3] = 0.0  # a masked row: zero upstream gradient
+    fused = linear_token_logprobs(hidden, weight, ids, temperature=0.7, chunk_size=16)
+    (fused * upstream).sum().backward()
+    grads = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    naive = torch.log_softmax(hidden @ weight.T / 0.7, dim=-1).gather(-1, ids[:, None]).squeeze(-1)
+    (naive * upstream).sum().backward()
+    torch.testing.assert_close(fused, naive.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grads[0], hidden.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grads[1], weight.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_masked_token_logprobs_match_the_trainers_full_forward_on_the_tiny_student(student):
+    # Right-padded batch of 3 rows; the mask covers each row's completion only.
+    torch.manual_seed(1)
+    tokens = torch.randint(3, 2048, (3, 12))
+    attention = torch.ones_like(tokens)
+    attention[1, 9:] = 0
+    attention[2, 6:] = 0
+    mask = completion_mask(torch.tensor([4, 5, 2]), torch.tensor([8, 4, 4]), 11).float()
+    assert supports_fused(student)
+    fused = masked_token_logprobs(student, tokens, attention, mask, temperature=0.8)
+    (fused * mask).sum().backward()
+    fused_grads = [p.grad.clone() for p in student.parameters()]
+    student.zero_grad()
+    full = token_logprobs(student(input_ids=tokens, attention_mask=attention).logits[:, :-1], tokens[:, 1:], 0.8)
+    (full * mask).sum().backward()
+    torch.testing.assert_close(fused, torch.where(mask > 0, full, 0.0).detach(), atol=1e-5, rtol=1e-5)
+    assert (fused[mask == 0] == 0).all()
+    for got, p in zip(fused_grads, student.parameters(), strict=True):
+        torch.testing.assert_close(got, p.grad, atol=5e-5, rtol=1e-4)  # fp32 sums in another order
+
+
+def test_teacher_scores_are_the_same_through_hidden_states_or_full_logits(teacher, tokenizer):
+    prompts = [tokenizer.encode("12+7=", add_special_tokens=False), tokenizer.encode("3-1", add_special_tokens=False)]
+    completions = [tokenizer.encode("19\nFinal: 19", add_special_tokens=False), tokenizer.encode("=2", add_special_tokens=False)]
+    fused = score_tokens(teacher, prompts, completions, temperature=0.9)  # hidden-state path
+    full = score_tokens(teacher, prompts, completions, temperature=0.9, topk=1)  # top-k needs full logits
+    for f, g in zip(fused, full, strict=True):
+        torch.testing.assert_close(f.logprobs_R, g.logprobs_R, atol=1e-5, rtol=1e-5)
+
+
+def test_models_with_scaled_or_biased_heads_are_not_fused(student):
+    assert supports_fused(student)
+    capped = copy.deepcopy(student)
+    capped.config.final_logit_softcapping = 30.0  # Gemma-2 style: logits are not lm_head(h)
+    assert not supports_fused(capped)
