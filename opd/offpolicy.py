@@ -28,15 +28,15 @@ from opd import checkpoint, distributed
 from opd.batch import collate
 from opd.config import TrainConfig
 from opd.evaluate import Evaluator
-from opd.logprobs import masked_mean, token_logprobs
+from opd.logprobs import masked_mean
 from opd.losses import cross_entropy_loss
 from opd.metrics import MetricsWriter
 from opd.models import load_pair
 from opd.rollout import make_rollout_engine
 from opd.tasks import load_task
 from opd.teacher import TeacherScores
-from opd.tokenization import render_prompt, vocab_logits
-from opd.train import attach, lr_factor, step_prompts, train_step
+from opd.tokenization import render_prompt
+from opd.train import attach, lr_factor, sampled_token_logprobs, step_prompts, train_step, with_training_rows
 from opd.types import Batch, Rollout
 from opd.validate import validate_setup
 
@@ -68,7 +68,8 @@ def train_offpolicy(config: TrainConfig) -> Path:
     prompts = [render_prompt(tokenizer, ex.prompt) for ex in examples]
     teacher_prompts = [render_prompt(teacher_tokenizer, ex.teacher_prompt) for ex in examples]
     teacher_engine = make_rollout_engine(config.rollout_backend, teacher, teacher_tokenizer)
-    optimizer = torch.optim.AdamW(student.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=config.lr, weight_decay=config.weight_decay,
+                                  fused=next(student.parameters()).device.type in ("cpu", "cuda"))  # as in train()
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config))
 
     start_step = 0
@@ -77,6 +78,10 @@ def train_offpolicy(config: TrainConfig) -> Path:
     if d.main:
         evaluate = Evaluator(teacher, tokenizer, teacher_tokenizer, eval_examples, config.temperature,
                              config.max_new_tokens, seed=config.seed)
+        if config.eval_train_size:
+            on_train = Evaluator(teacher, tokenizer, teacher_tokenizer, examples[: config.eval_train_size],
+                                 config.temperature, config.max_new_tokens, seed=config.seed)
+            evaluate = with_training_rows(evaluate, on_train)
         writer = MetricsWriter(run_dir, config, start_step)
         if start_step == 0:
             writer.log(0, evaluate(student), samples=True)
@@ -108,7 +113,8 @@ def train_offpolicy(config: TrainConfig) -> Path:
             metrics |= evaluate(student)
         writer.log(step, metrics, samples=any(k.startswith("eval/") for k in metrics))
         if last or (config.save_every and step % config.save_every == 0):
-            checkpoint.save(run_dir, step, student, tokenizer, optimizer, scheduler, config)
+            checkpoint.save(run_dir, step, student, tokenizer, distributed.optimizer_state(student, optimizer),
+                            scheduler, config)
     if d.main:
         writer.close()
         checkpoint.save_final(run_dir, student, tokenizer)
@@ -136,13 +142,12 @@ def cross_entropy_micro_loss(student: torch.nn.Module, micro: Batch, config: Tra
                              vocab_size: int | None = None) -> tuple[torch.Tensor, dict]:
     """-Σ m log π_θ / N on the teacher's completion tokens, at the sampling temperature (DESIGN.md §4).
 
-    No truncation on the student side: the target is the teacher's token, which the student's
-    full distribution at τ must put mass on (a truncated student logprob could be -inf). Logits
-    past `vocab_size` (a padded embedding) are dropped, as in `opd.train.micro_loss`.
+    The student's logprobs come from `opd.train.sampled_token_logprobs` (the fused path where the
+    model allows it, padded logits dropped) without truncation: the target is the teacher's token,
+    which the student's full distribution at τ must put mass on (a truncated logprob could be -inf).
     """
-    logits_B_L_V = student(input_ids=micro.tokens_B_L, attention_mask=micro.attention_mask_B_L).logits
-    logits_B_T_V = vocab_logits(logits_B_L_V[:, :-1], vocab_size)
-    student_logprobs_B_T = token_logprobs(logits_B_T_V, micro.tokens_B_L[:, 1:], temperature=config.temperature)
+    untruncated = dataclasses.replace(config, top_k=0, top_p=1.0)
+    student_logprobs_B_T = sampled_token_logprobs(student, micro, untruncated, vocab_size)
     return cross_entropy_loss(student_logprobs_B_T, micro.loss_mask_B_T, num_tokens)
 
 

@@ -6,7 +6,9 @@ import torch
 from opd.batch import collate
 from opd.cli import main
 from opd.config import TrainConfig, load_config
-from opd.offpolicy import check_offpolicy_config, cross_entropy_micro_loss, on_student_prompts, own_scores
+from opd.metrics import read_metrics
+from opd.offpolicy import (check_offpolicy_config, cross_entropy_micro_loss, on_student_prompts, own_scores,
+                           train_offpolicy)
 from opd.rollout import Sampling
 from opd.rollout.hf import HFRolloutEngine
 from opd.tasks import arithmetic_examples
@@ -67,3 +69,17 @@ def test_offpolicy_cli_stops_before_loading_models(capsys, monkeypatch):
     monkeypatch.setattr(opd.offpolicy, "load_pair", no_models)
     assert main(["train-offpolicy", "task_reward=true"]) == 2
     assert "off-policy distillation trains by cross-entropy on teacher samples" in capsys.readouterr().err
+
+
+def test_offpolicy_resume_continues_exactly(tmp_path):
+    # The same checkpoint format as `opd train`: 3 steps in one go equal 2 steps, then a resume for the third.
+    small = ["prompts_per_step=4", "completions_per_prompt=2", "max_new_tokens=16", "eval_size=4", "train_size=32",
+             "progress=false", "log_samples=0", "lr=1e-3", "eval_every=0", "save_every=2", "lr_schedule=constant"]
+    whole = read_metrics(train_offpolicy(load_config(None, [*small, "steps=3", f"out_dir={tmp_path / 'whole'}"])))
+    first = read_metrics(train_offpolicy(load_config(None, [*small, "steps=2", f"out_dir={tmp_path / 'split'}"])))
+    split = read_metrics(train_offpolicy(load_config(None, [*small, "steps=3", "resume=true",
+                                                           f"out_dir={tmp_path / 'split'}"])))
+    assert [r["step"] for r in split] == [0, 1, 2, 3]
+    assert split[:3] == first  # steps 0-2 were not re-run (their wall-clock timings would differ)
+    for key in ("train/loss", "sft/nll", "offpolicy/teacher_nll", "train/grad_norm"):
+        assert split[3][key] == pytest.approx(whole[3][key], rel=1e-5), key
