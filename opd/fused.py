@@ -60,10 +60,11 @@ class _LinearLogSoftmaxGather(torch.autograd.Function):
         for start in range(0, hidden_N_H.shape[0], ctx.chunk_size):
             rows = slice(start, start + ctx.chunk_size)
             h_C_H = hidden_N_H[rows]
-            z_C_V = (h_C_H @ weight_V_H.T).float().div_(ctx.temperature)
-            # d(z_y - lse)/dz = onehot(y) - softmax(z); times the upstream gradient and 1/τ.
+            # d(z_y - lse)/dz = onehot(y) - softmax(z); times the upstream gradient and 1/τ. In place:
+            # one [C, V] buffer per chunk (at a 32k vocabulary each extra one is 33 MB of peak memory).
             g_C = grad_out_N[rows].float() / ctx.temperature
-            grad_z_C_V = torch.exp(z_C_V - lse_N[rows, None]).mul_(-g_C[:, None])
+            grad_z_C_V = (h_C_H @ weight_V_H.T).float().div_(ctx.temperature)
+            grad_z_C_V.sub_(lse_N[rows, None]).exp_().mul_(-g_C[:, None])
             grad_z_C_V.scatter_add_(-1, ids_N[rows, None], g_C[:, None])
             grad_z_C_V = grad_z_C_V.to(h_C_H.dtype)
             if grad_hidden_N_H is not None:
@@ -99,7 +100,9 @@ def masked_token_logprobs(model: torch.nn.Module, tokens_B_L: Tensor, attention_
     hidden_B_L_H = getattr(model, model.base_model_prefix)(input_ids=tokens_B_L,
                                                            attention_mask=attention_mask_B_L).last_hidden_state
     active_B_T = mask_B_T != 0
-    weight_V_H = model.get_output_embeddings().weight[:vocab_size]
+    weight_V_H = model.get_output_embeddings().weight
+    if vocab_size is not None and vocab_size < weight_V_H.shape[0]:  # a slice only when padded: its backward
+        weight_V_H = weight_V_H[:vocab_size]  # allocates a zero-filled [V, H] gradient
     logprobs_N = linear_token_logprobs(hidden_B_L_H[:, :-1][active_B_T], weight_V_H, tokens_B_L[:, 1:][active_B_T],
                                        temperature)
     return torch.zeros(mask_B_T.shape, dtype=logprobs_N.dtype, device=logprobs_N.device).masked_scatter(

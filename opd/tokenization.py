@@ -56,8 +56,8 @@ def vocab_logits(logits_lead_V: torch.Tensor, vocab_size: int | None) -> torch.T
     every softmax; DESIGN.md §5 forms each distribution over the tokenizer range only, so a
     padded model scores and trains exactly as the unpadded one.
     """
-    if vocab_size is None:
-        return logits_lead_V
+    if vocab_size is None or logits_lead_V.shape[-1] == vocab_size:
+        return logits_lead_V  # no slice at all: a slice's backward allocates a zero-filled gradient as large as the logits
     if logits_lead_V.shape[-1] < vocab_size:
         raise ValueError(f"the model has {logits_lead_V.shape[-1]} output rows for a tokenizer of {vocab_size} "
                          "tokens; resize its embedding (model.resize_token_embeddings(len(tokenizer)))")

@@ -246,3 +246,15 @@ def test_vllm_teacher_without_prompt_logprobs_temperature_refuses_before_generat
         scorer.score(rollouts, 1.3)
     with pytest.raises(ValueError, match="temperature 0.8 was asked"):
         teacher_scores(scorer, rollouts, load_config(None, ["loss=topk_kl", "loss_temperature=0.8"]))
+
+
+def test_an_unpadded_vocabulary_is_not_sliced():
+    # A slice of [B, T, V] logits, even a full-width one, has a backward that allocates a zero-filled
+    # gradient as large as the logits; an unpadded vocabulary must pass through as the very tensor.
+    from opd.tokenization import vocab_logits
+    logits = torch.randn(2, 3, 5, requires_grad=True) * 1.0
+    assert vocab_logits(logits, 5) is logits
+    assert vocab_logits(logits, None) is logits
+    assert vocab_logits(logits, 4).shape == (2, 3, 4)
+    with pytest.raises(ValueError, match="resize_token_embeddings"):
+        vocab_logits(logits, 6)
