@@ -62,3 +62,26 @@ def test_models_with_scaled_or_biased_heads_are_not_fused(student):
     capped = copy.deepcopy(student)
     capped.config.final_logit_softcapping = 30.0  # Gemma-2 style: logits are not lm_head(h)
     assert not supports_fused(capped)
+
+
+def test_completions_of_a_shared_prompt_score_as_one_forward_each(teacher, tokenizer):
+    # Rows 0-2 share a prompt, rows 3-4 another (shorter: left padding in pass 1), row 5 is alone; the
+    # completions differ in length (right padding in pass 2), one is empty. Reference: every row
+    # scored alone, i.e. one plain forward over prompt + completion.
+    enc = lambda text: tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
+    a, b, c = enc("What is 12+7-3?"), enc("3-1="), enc("Compute 40*2.")
+    prompts = [a, a, a, b, b, c]
+    completions = [enc("16\nFinal: 16"), enc("=9"), [], enc("2\nFinal: 2"), enc("2"), enc("80")]
+    V = len(tokenizer) - 8  # also a padded-vocabulary cut: only ids below V score
+    completions = [[t % V for t in comp] for comp in completions]
+    for kwargs in (dict(), dict(topk=5, full_logits=True)):
+        shared = score_tokens(teacher, prompts, completions, temperature=0.7, vocab_size=V, **kwargs)
+        for row, (p, comp) in enumerate(zip(prompts, completions, strict=True)):
+            alone = score_tokens(teacher, [p], [comp], temperature=0.7, vocab_size=V, **kwargs)[0]
+            assert shared[row].logprobs_R.shape == (len(comp),)
+            torch.testing.assert_close(shared[row].logprobs_R, alone.logprobs_R, atol=2e-5, rtol=1e-5)
+            if kwargs:
+                torch.testing.assert_close(shared[row].topk_logprobs_R_K, alone.topk_logprobs_R_K, atol=2e-5, rtol=1e-5)
+                assert torch.equal(shared[row].topk_ids_R_K, alone.topk_ids_R_K)
+                torch.testing.assert_close(shared[row].logits_R_V, alone.logits_R_V, atol=2e-5, rtol=1e-5)
+                assert shared[row].logits_R_V.shape == (len(comp), V)
