@@ -1,6 +1,6 @@
 """opd against TRL's on-policy distillation trainer on the same work, at two model scales.
 
-    python bench/bench_vs_trl.py [--quick] [--repeats 3] [--scales a,b,quality] [--threads 1]
+    python bench/bench_vs_trl.py [--quick] [--repeats 3] [--quality-repeats 5] [--scales a,b,quality] [--threads 1]
 
 Same teacher and student, same prompts in the same order (opd's `step_prompts`; TRL gets each
 prompt repeated G times with shuffling off, since it makes one completion per prompt), same
@@ -13,7 +13,11 @@ Scales: (a) the bundled tiny pair (0.69M student, 3.9M teacher, 2,048-token voca
 built here from `transformers` Llama configs with a 32,000-token vocabulary (23M-parameter student,
 42M teacher, random weights). The speed runs force a fixed completion length
 (`min_new_tokens = max_new_tokens`) so both trainers generate, score and train on the same number of
-tokens. The quality runs (scale a, natural stopping) train each trainer and then score every final
+tokens. At scale (b) opd trains each step in micro-batches of 4 sequences (`micro`): the same
+gradient, since every micro-loss divides by the step's token count (DESIGN.md §4), with a quarter of
+the activation memory; generation still runs all 16 at once. TRL ties its generation batch to its
+training batch (`gradient_accumulation_steps=4` would make it generate 4 sequences at a time), so
+it runs one batch of 16. The quality runs (scale a, natural stopping) train each trainer and then score every final
 student with the same held-out evaluation: opd's sampled reverse KL (`opd.evaluate.Evaluator`) on
 200 test prompts.
 
@@ -50,7 +54,7 @@ SEED = 0
 SCALES = {
     "a": dict(teacher="tiny:teacher", student="tiny:student", P=32, G=4, N=40, steps=6, lr=1e-3, fixed=True),
     "b": dict(teacher=str(SCALE_B_DIR / "teacher"), student=str(SCALE_B_DIR / "student"), P=4, G=4, N=64, steps=4,
-              lr=1e-4, fixed=True),
+              lr=1e-4, fixed=True, micro=4),
     "quality": dict(teacher="tiny:teacher", student="tiny:student", P=16, G=4, N=40, steps=40, lr=1e-3, fixed=False),
 }
 QUICK = {"a": dict(steps=3), "b": dict(steps=2, N=32), "quality": dict(steps=8)}
@@ -170,7 +174,7 @@ def worker_opd(spec: dict) -> dict:
                  f"completions_per_prompt={spec['G']}", f"max_new_tokens={spec['N']}",
                  f"min_new_tokens={spec['N'] if spec['fixed'] else 0}", "temperature=1.0", *loss,
                  f"steps={spec['steps']}", f"lr={spec['lr']}", "lr_schedule=constant", "warmup_steps=0",
-                 "weight_decay=0.0", "grad_clip=1.0", f"micro_batch_size={spec['P'] * spec['G']}", "device=cpu",
+                 "weight_decay=0.0", "grad_clip=1.0", f"micro_batch_size={spec.get('micro', spec['P'] * spec['G'])}", "device=cpu",
                  f"seed={spec['seed']}", f"out_dir={spec['out_dir']}", "eval_every=0", "save_every=0",
                  "progress=false", "log_samples=0"]
     run_dir = train(load_config(None, overrides))
@@ -239,7 +243,8 @@ def table(results: dict) -> str:
         pair = "scale-b teacher (42M) -> student (23M), 32k vocab" if scale == "b" else "tiny:teacher -> tiny:student"
         lines.append(f"\nscale {'a, quality' if scale == 'quality' else scale}: {pair}, {s['P']} prompts x {s['G']} = "
                      f"{s['P'] * s['G']} sequences/step, {'exactly' if s['fixed'] else 'up to'} {s['N']} tokens, "
-                     f"{s['steps']} steps (medians of {len(by_trainer['trl']['runs'])} runs)")
+                     f"{s['steps']} steps (medians of {len(by_trainer['trl']['runs'])} runs)"
+                     + (f", opd trains in micro-batches of {s['micro']}" if "micro" in s else ""))
         header = "| trainer | step s | tokens/s | vs TRL | generate s | teacher s | train s | peak RSS MiB | vs TRL |"
         if scale == "quality":
             header += " final sampled reverse KL |"
@@ -251,7 +256,8 @@ def table(results: dict) -> str:
                    f" | {m['generate_s']:.2f} | {m['score_s']:.2f} | {m['train_s']:.2f} | {m['peak_rss_mib']:.0f}"
                    f" | {m['peak_rss_mib'] / trl['peak_rss_mib']:.2f}x |")
             if scale == "quality":
-                row += f" {m['final_sampled_reverse_kl']:.3f} |"
+                kls = ", ".join(f"{run['final_sampled_reverse_kl']:.3f}" for run in r["runs"])
+                row += f" {m['final_sampled_reverse_kl']:.3f} ({kls}) |"
             lines.append(row)
     return "\n".join(lines)
 
@@ -262,7 +268,9 @@ SCALES_USED: dict = {}
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer steps (a smoke test, not a measurement)")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="repetitions of the speed scales (a, b)")
+    parser.add_argument("--quality-repeats", type=int, default=5,
+                        help="repetitions of the quality runs (their final KL varies more from seed to seed)")
     parser.add_argument("--scales", default="a,b,quality", help="comma-separated subset of a, b, quality")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run (1: the 2 cores here are shared)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -280,8 +288,10 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     raw = {name: {t: [] for t in TRAINERS} for name in scales}
     with tempfile.TemporaryDirectory(prefix="bench_vs_trl_") as tmp:
-        for rep in range(args.repeats):
+        for rep in range(max(args.repeats, args.quality_repeats)):
             for name in scales:
+                if rep >= (args.quality_repeats if name == "quality" else args.repeats):
+                    continue
                 order = TRAINERS[rep % 3:] + TRAINERS[: rep % 3]  # rotate, so no trainer always runs first
                 for trainer in order:
                     run_dir = Path(tmp) / f"{name}_{trainer}_{rep}"
@@ -317,7 +327,7 @@ def main() -> None:
     meta = {"versions": {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__,
                          "python": platform.python_version()},
             "cpus": os.cpu_count(), "threads": args.threads, "loadavg_end": os.getloadavg(), "quick": args.quick,
-            "repeats": args.repeats, "scales": SCALES_USED}
+            "repeats": args.repeats, "quality_repeats": args.quality_repeats, "scales": SCALES_USED}
     out = RESULTS / "bench_vs_trl.json"
     out.write_text(json.dumps({"meta": meta, "results": results, "raw": raw, "table": text}, indent=1))
     print(f"\nwrote {out}")
