@@ -62,21 +62,24 @@ def _score_chunk(model, prompts, completions, temperature, topk, full_logits, vo
         return [TeacherScores(logprobs_R=lp) for lp in _completion_logprobs(model, prompts, completions, tokens_B_L,
                                                                              attention_mask_B_L, temperature, vocab_size)]
     logits_B_L_V = model(input_ids=tokens_B_L, attention_mask=attention_mask_B_L).logits
-    logits_B_T_V = vocab_logits(logits_B_L_V[:, :-1], vocab_size)
-    logprobs_B_T = token_logprobs(logits_B_T_V, tokens_B_L[:, 1:], temperature=temperature).cpu()
+    spans = [slice(len(p) - 1, len(p) - 1 + len(c)) for p, c in zip(prompts, completions, strict=True)]
+    return _scores_from_logits(vocab_logits(logits_B_L_V[:, :-1], vocab_size), tokens_B_L[:, 1:], spans, temperature,
+                               topk, full_logits)
+
+
+def _scores_from_logits(logits_B_T_V, targets_B_T, spans: list[slice], temperature, topk,
+                        full_logits) -> list[TeacherScores]:
+    """Each row's scores over its completion `spans[row]` of target space, from logits at `temperature`."""
+    logprobs_B_T = token_logprobs(logits_B_T_V, targets_B_T, temperature=temperature).cpu()
     if topk:
         k = min(topk, logits_B_T_V.shape[-1])
         topk_logprobs_B_T_K, topk_ids_B_T_K = torch.log_softmax(logits_B_T_V.float() / temperature, -1).topk(k, -1)
         topk_logprobs_B_T_K, topk_ids_B_T_K = topk_logprobs_B_T_K.cpu(), topk_ids_B_T_K.cpu()
-    out = []
-    for row, (prompt, completion) in enumerate(zip(prompts, completions, strict=True)):
-        span = slice(len(prompt) - 1, len(prompt) - 1 + len(completion))
-        out.append(TeacherScores(
-            logprobs_R=logprobs_B_T[row, span].clone(),
-            topk_ids_R_K=topk_ids_B_T_K[row, span].clone() if topk else None,
-            topk_logprobs_R_K=topk_logprobs_B_T_K[row, span].clone() if topk else None,
-            logits_R_V=logits_B_T_V[row, span].float().cpu().clone() if full_logits else None))
-    return out
+    return [TeacherScores(logprobs_R=logprobs_B_T[row, span].clone(),
+                          topk_ids_R_K=topk_ids_B_T_K[row, span].clone() if topk else None,
+                          topk_logprobs_R_K=topk_logprobs_B_T_K[row, span].clone() if topk else None,
+                          logits_R_V=logits_B_T_V[row, span].float().cpu().clone() if full_logits else None)
+            for row, span in enumerate(spans)]
 
 
 def _completion_logprobs(model, prompts, completions, tokens_B_L, attention_mask_B_L, temperature,
@@ -103,20 +106,12 @@ def _score_shared_prompts(model, prompts, completions, temperature, topk, full_l
         logprobs_N = linear_token_logprobs(hidden_B_R_H[active_B_R], weight_V_H, completions_B_R[active_B_R],
                                            temperature).cpu()
         return [TeacherScores(logprobs_R=lp.clone()) for lp in logprobs_N.split(lengths)]
-    logits_B_R_V = hidden_B_R_H @ weight_V_H.T  # the head at completion positions only
-    logprobs_B_R = token_logprobs(logits_B_R_V, completions_B_R, temperature=temperature).cpu()
-    if topk:
-        k = min(topk, logits_B_R_V.shape[-1])
-        topk_logprobs_B_R_K, topk_ids_B_R_K = torch.log_softmax(logits_B_R_V.float() / temperature, -1).topk(k, -1)
-        topk_logprobs_B_R_K, topk_ids_B_R_K = topk_logprobs_B_R_K.cpu(), topk_ids_B_R_K.cpu()
-    return [TeacherScores(logprobs_R=logprobs_B_R[row, :n].clone(),
-                          topk_ids_R_K=topk_ids_B_R_K[row, :n].clone() if topk else None,
-                          topk_logprobs_R_K=topk_logprobs_B_R_K[row, :n].clone() if topk else None,
-                          logits_R_V=logits_B_R_V[row, :n].float().cpu().clone() if full_logits else None)
-            for row, n in enumerate(lengths)]
+    return _scores_from_logits(hidden_B_R_H @ weight_V_H.T, completions_B_R, [slice(0, n) for n in lengths],
+                               temperature, topk, full_logits)  # the head at completion positions only
 
 
-def _shared_prompt_hidden_states(model, prompts, completions, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _shared_prompt_hidden_states(model, prompts, completions,
+                                 device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(hidden_B_R_H, completions_B_R, active_B_R): the final hidden state that predicts each completion token.
 
     Pass 1 runs the U distinct prompts, left-padded (positions follow the mask, as in the rollout
