@@ -89,6 +89,15 @@ def linear_token_logprobs(hidden_N_H: Tensor, weight_V_H: Tensor, ids_N: Tensor,
     return _LinearLogSoftmaxGather.apply(hidden_N_H, weight_V_H, ids_N, float(temperature), chunk_size)
 
 
+def head_weight(model: torch.nn.Module, vocab_size: int | None) -> Tensor:
+    """The output projection's `[V, H]` weight, cut to the tokenizer's `vocab_size` rows when the embedding is padded.
+
+    No slice otherwise: a slice's backward allocates a zero-filled `[V, H]` gradient.
+    """
+    weight_V_H = model.get_output_embeddings().weight
+    return weight_V_H[:vocab_size] if vocab_size is not None and vocab_size < weight_V_H.shape[0] else weight_V_H
+
+
 def masked_token_logprobs(model: torch.nn.Module, tokens_B_L: Tensor, attention_mask_B_L: Tensor, mask_B_T: Tensor,
                           temperature: float = 1.0, vocab_size: int | None = None) -> Tensor:
     """logprobs_B_T of `tokens_B_L[:, 1:]` under `model` at the positions where `mask_B_T` is set, 0.0 elsewhere.
@@ -100,10 +109,7 @@ def masked_token_logprobs(model: torch.nn.Module, tokens_B_L: Tensor, attention_
     hidden_B_L_H = getattr(model, model.base_model_prefix)(input_ids=tokens_B_L,
                                                            attention_mask=attention_mask_B_L).last_hidden_state
     active_B_T = mask_B_T != 0
-    weight_V_H = model.get_output_embeddings().weight
-    if vocab_size is not None and vocab_size < weight_V_H.shape[0]:  # a slice only when padded: its backward
-        weight_V_H = weight_V_H[:vocab_size]  # allocates a zero-filled [V, H] gradient
-    logprobs_N = linear_token_logprobs(hidden_B_L_H[:, :-1][active_B_T], weight_V_H, tokens_B_L[:, 1:][active_B_T],
-                                       temperature)
+    logprobs_N = linear_token_logprobs(hidden_B_L_H[:, :-1][active_B_T], head_weight(model, vocab_size),
+                                       tokens_B_L[:, 1:][active_B_T], temperature)
     return torch.zeros(mask_B_T.shape, dtype=logprobs_N.dtype, device=logprobs_N.device).masked_scatter(
         active_B_T, logprobs_N)

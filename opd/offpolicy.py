@@ -27,7 +27,6 @@ import torch
 from opd import checkpoint, distributed
 from opd.batch import collate
 from opd.config import TrainConfig
-from opd.evaluate import Evaluator
 from opd.logprobs import masked_mean
 from opd.losses import cross_entropy_loss
 from opd.metrics import MetricsWriter
@@ -36,7 +35,8 @@ from opd.rollout import make_rollout_engine
 from opd.tasks import load_task
 from opd.teacher import TeacherScores
 from opd.tokenization import render_prompt
-from opd.train import attach, lr_factor, sampled_token_logprobs, step_prompts, train_step, with_training_rows
+from opd.train import (attach, make_evaluator, make_optimizer, sampled_token_logprobs, step_prompts,
+                       train_step)
 from opd.types import Batch, Rollout
 from opd.validate import validate_setup
 
@@ -68,20 +68,13 @@ def train_offpolicy(config: TrainConfig) -> Path:
     prompts = [render_prompt(tokenizer, ex.prompt) for ex in examples]
     teacher_prompts = [render_prompt(teacher_tokenizer, ex.teacher_prompt) for ex in examples]
     teacher_engine = make_rollout_engine(config.rollout_backend, teacher, teacher_tokenizer)
-    optimizer = torch.optim.AdamW(student.parameters(), lr=config.lr, weight_decay=config.weight_decay,
-                                  fused=next(student.parameters()).device.type in ("cpu", "cuda"))  # as in train()
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config))
+    optimizer, scheduler = make_optimizer(student, config)
 
     start_step = 0
     if config.resume and (latest := checkpoint.latest(run_dir)) is not None:
         start_step = checkpoint.load(latest, student, optimizer, scheduler)
     if d.main:
-        evaluate = Evaluator(teacher, tokenizer, teacher_tokenizer, eval_examples, config.temperature,
-                             config.max_new_tokens, seed=config.seed)
-        if config.eval_train_size:
-            on_train = Evaluator(teacher, tokenizer, teacher_tokenizer, examples[: config.eval_train_size],
-                                 config.temperature, config.max_new_tokens, seed=config.seed)
-            evaluate = with_training_rows(evaluate, on_train)
+        evaluate = make_evaluator(config, teacher, tokenizer, teacher_tokenizer, eval_examples, examples)
         writer = MetricsWriter(run_dir, config, start_step)
         if start_step == 0:
             writer.log(0, evaluate(student), samples=True)

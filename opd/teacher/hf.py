@@ -17,7 +17,7 @@ import torch
 from transformers import DynamicCache
 
 from opd.batch import right_pad
-from opd.fused import linear_token_logprobs, masked_token_logprobs, supports_fused
+from opd.fused import head_weight, linear_token_logprobs, masked_token_logprobs, supports_fused
 from opd.logprobs import completion_mask, token_logprobs
 from opd.teacher import TeacherScores
 from opd.tokenization import vocab_logits
@@ -98,9 +98,7 @@ def _score_shared_prompts(model, prompts, completions, temperature, topk, full_l
                           device) -> list[TeacherScores]:
     """`_score_chunk`'s values with each distinct prompt run once (`_shared_prompt_hidden_states`)."""
     hidden_B_R_H, completions_B_R, active_B_R = _shared_prompt_hidden_states(model, prompts, completions, device)
-    weight_V_H = model.get_output_embeddings().weight
-    if vocab_size is not None and vocab_size < weight_V_H.shape[0]:
-        weight_V_H = weight_V_H[:vocab_size]
+    weight_V_H = head_weight(model, vocab_size)
     lengths = [len(c) for c in completions]
     if not topk and not full_logits:  # logits one chunk of active rows at a time, as opd/fused.py does
         logprobs_N = linear_token_logprobs(hidden_B_R_H[active_B_R], weight_V_H, completions_B_R[active_B_R],
