@@ -9,6 +9,11 @@ chunk's softmax. The idea is Liger-Kernel's fused linear cross-entropy and TRL's
 `_chunked_divergence_loss`; unlike them the chunk function returns logprobs, so every loss of
 `opd.losses` can use it unchanged.
 
+The G completions of one prompt share it: `shared_prompt_hidden_states` runs each distinct prompt
+once and serves its KV cache to all of them, for the teacher's scores and, with gradients flowing
+back through the cache copy, for the student's training forward (1.6x faster forward + backward
+with GSM8K's ~104-token prompts, 130-token completions and G = 4).
+
 Only for models whose logits are exactly `lm_head(last_hidden_state)` (no bias, no logit scale or
 soft-capping): `supports_fused` checks that, and callers fall back to the full forward otherwise.
 """
@@ -18,6 +23,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
+from transformers import DynamicCache
+
+from opd.batch import right_pad
 
 # Causal LMs whose head is a plain bias-free linear map of the final normed hidden state.
 PLAIN_HEAD_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gpt_neox", "olmo", "olmo2", "phi3", "smollm3")
@@ -105,11 +113,89 @@ def masked_token_logprobs(model: torch.nn.Module, tokens_B_L: Tensor, attention_
     The same values as `token_logprobs(model(...).logits[:, :-1], tokens[:, 1:], temperature)` on the
     mask (DESIGN.md §3: masked positions hold 0.0), with logits only for the active rows.
     `vocab_size`: logits past it (padded embedding rows) are left out of the softmax.
+    When rows share the prefix before their first scored token (the G completions of one prompt),
+    that prefix runs once per distinct prompt (`shared_prompt_hidden_states`), gradients included.
     """
+    active_B_T = mask_B_T != 0
+    weight_V_H = head_weight(model, vocab_size)
+    shared = _shared_prefixes(model, tokens_B_L, attention_mask_B_L, active_B_T)
+    if shared is not None:
+        prompts, completions, span_B_T = shared
+        hidden_B_R_H, completions_B_R, real_B_R = shared_prompt_hidden_states(model, prompts, completions)
+        logprobs_N = linear_token_logprobs(hidden_B_R_H[real_B_R], weight_V_H, completions_B_R[real_B_R], temperature)
+        logprobs_B_T = torch.zeros(mask_B_T.shape, dtype=logprobs_N.dtype, device=logprobs_N.device)
+        return torch.where(active_B_T, logprobs_B_T.masked_scatter(span_B_T, logprobs_N), 0.0)
     hidden_B_L_H = getattr(model, model.base_model_prefix)(input_ids=tokens_B_L,
                                                            attention_mask=attention_mask_B_L).last_hidden_state
-    active_B_T = mask_B_T != 0
-    logprobs_N = linear_token_logprobs(hidden_B_L_H[:, :-1][active_B_T], head_weight(model, vocab_size),
-                                       tokens_B_L[:, 1:][active_B_T], temperature)
+    logprobs_N = linear_token_logprobs(hidden_B_L_H[:, :-1][active_B_T], weight_V_H, tokens_B_L[:, 1:][active_B_T],
+                                       temperature)
     return torch.zeros(mask_B_T.shape, dtype=logprobs_N.dtype, device=logprobs_N.device).masked_scatter(
         active_B_T, logprobs_N)
+
+
+def _shared_prefixes(model, tokens_B_L: Tensor, attention_mask_B_L: Tensor,
+                     active_B_T: Tensor) -> tuple[list[list[int]], list[list[int]], Tensor] | None:
+    """(prompts, completions, span_B_T) when scored rows repeat a prefix, else None (one plain forward is as good).
+
+    Row b's scored span is targets `[first_b, last_b]`: its prompt is `tokens[:first_b + 1]`, its completion
+    `tokens[first_b + 1 : last_b + 2]`. Only rows whose tokens are real up to the span's end (right padding)
+    qualify. Not under gradient checkpointing: transformers then drops the KV cache the second pass needs.
+    """
+    rows_A = active_B_T.any(-1).nonzero().squeeze(1)
+    if rows_A.numel() < 2 or any(getattr(module, "gradient_checkpointing", False) for module in model.modules()):
+        return None
+    T = active_B_T.shape[1]
+    first_A = active_B_T[rows_A].int().argmax(-1)
+    end_A = T + 1 - active_B_T[rows_A].flip(-1).int().argmax(-1)  # one past the span's last token
+    leading_real_A = (attention_mask_B_L[rows_A] != 0).int().cumprod(-1).sum(-1)
+    if (leading_real_A < end_A).any():
+        return None
+    tokens = tokens_B_L[rows_A].tolist()
+    first, end = first_A.tolist(), end_A.tolist()
+    prompts = [row[: f + 1] for row, f in zip(tokens, first, strict=True)]
+    if len({tuple(p) for p in prompts}) == len(prompts):
+        return None
+    completions = [row[f + 1 : e] for row, f, e in zip(tokens, first, end, strict=True)]
+    positions_T = torch.arange(T, device=active_B_T.device)
+    span_B_T = torch.zeros_like(active_B_T)
+    span_B_T[rows_A] = (positions_T >= first_A[:, None]) & (positions_T < end_A[:, None] - 1)
+    return prompts, completions, span_B_T
+
+
+def shared_prompt_hidden_states(model: torch.nn.Module, prompts: list[list[int]],
+                                completions: list[list[int]]) -> tuple[Tensor, Tensor, Tensor]:
+    """(hidden_B_R_H, completions_B_R, real_B_R): the final hidden state that predicts each completion token.
+
+    Pass 1 runs the U distinct prompts, left-padded (positions follow the mask, as in the rollout
+    engine); its last position predicts every row's first completion token, and its KV cache is
+    copied to the B rows. Pass 2 runs the right-padded completions on that cache, positions
+    continuing each row's prompt. Causal attention makes this the same computation as one forward
+    over `prompt + completion` (tests/test_fused.py checks values and gradients against it); under
+    autograd the cache copy's backward sums each row's gradient into its prompt.
+    """
+    device = next(model.parameters()).device
+    unique: dict[tuple[int, ...], int] = {}
+    group_B = torch.tensor([unique.setdefault(tuple(p), len(unique)) for p in prompts], device=device)
+    width = max(len(p) for p in unique)
+    pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+    prompts_U_W = torch.full((len(unique), width), pad_id, dtype=torch.long)
+    prompt_mask_U_W = torch.zeros_like(prompts_U_W)
+    for u, p in enumerate(unique):
+        prompts_U_W[u, width - len(p):], prompt_mask_U_W[u, width - len(p):] = torch.tensor(p), 1
+    prompts_U_W, prompt_mask_U_W = prompts_U_W.to(device), prompt_mask_U_W.to(device)
+    backbone = getattr(model, model.base_model_prefix)
+    cache = DynamicCache(config=model.config)
+    last_U_H = backbone(input_ids=prompts_U_W, attention_mask=prompt_mask_U_W, past_key_values=cache, use_cache=True,
+                        position_ids=(prompt_mask_U_W.cumsum(-1) - 1).clamp(min=0)).last_hidden_state[:, -1]
+    cache.batch_select_indices(group_B)
+    completions_B_R, completion_mask_B_R = right_pad(completions, pad_id, min_width=1)
+    completions_B_R, completion_mask_B_R = completions_B_R.to(device), completion_mask_B_R.to(device)
+    R = completions_B_R.shape[1]
+    prompt_lens_B = prompt_mask_U_W.sum(-1)[group_B]
+    hidden_B_R_H = backbone(input_ids=completions_B_R, past_key_values=cache, use_cache=True,
+                            attention_mask=torch.cat([prompt_mask_U_W[group_B], completion_mask_B_R], dim=1),
+                            position_ids=prompt_lens_B[:, None] + torch.arange(R, device=device)).last_hidden_state
+    # the hidden state before completion token j: the prompt's last for j = 0, completion token j - 1's after
+    hidden_B_R_H = torch.cat([last_U_H[group_B, None], hidden_B_R_H[:, :-1]], dim=1)
+    return hidden_B_R_H, completions_B_R, completion_mask_B_R.bool()
+

@@ -24,7 +24,6 @@ def free_port() -> int:
 
 def global_batch(tokenizer):
     """A fixed batch of real student samples with real teacher scores, built once in the parent."""
-    from opd.batch import collate
     from opd.rollout import Sampling
     from opd.rollout.hf import HFRolloutEngine
     from opd.tasks import arithmetic_examples

@@ -4,6 +4,7 @@ import copy
 
 import torch
 
+from opd.batch import right_pad
 from opd.fused import linear_token_logprobs, masked_token_logprobs, supports_fused
 from opd.logprobs import completion_mask, token_logprobs
 from opd.teacher.hf import score_tokens
@@ -85,3 +86,49 @@ def test_completions_of_a_shared_prompt_score_as_one_forward_each(teacher, token
                 assert torch.equal(shared[row].topk_ids_R_K, alone.topk_ids_R_K)
                 torch.testing.assert_close(shared[row].logits_R_V, alone.logits_R_V, atol=2e-5, rtol=1e-5)
                 assert shared[row].logits_R_V.shape == (len(comp), V)
+
+
+def test_a_shared_prompt_trains_through_one_prompt_forward_with_the_same_values_and_gradients(student, tokenizer):
+    # The trainer's batch: right-padded prompt + completion rows, the mask on each completion. Rows 0-2
+    # share a prompt, rows 3-4 another (shorter), row 5 is alone and row 6 repeats row 0's prompt with an
+    # empty completion (no scored token: it must not enter the computation). Reference: the full forward.
+    enc = lambda text: tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
+    a, b, c = enc("What is 12+7-3?"), enc("3-1="), enc("Compute 40*2.")
+    prompts = [a, a, a, b, b, c, a]
+    completions = [enc("16\nFinal: 16"), enc("=9"), enc("16"), enc("2\nFinal: 2"), enc("2"), enc("80"), []]
+    V = len(tokenizer) - 8  # a padded-vocabulary cut as well
+    completions = [[t % V for t in comp] for comp in completions]
+    tokens_B_L, attention_B_L = right_pad([p + comp for p, comp in zip(prompts, completions, strict=True)], 0)
+    mask_B_T = completion_mask(torch.tensor([len(p) for p in prompts]), torch.tensor([len(comp) for comp in completions]),
+                               tokens_B_L.shape[1] - 1).float()
+    upstream_B_T = torch.randn(mask_B_T.shape, generator=torch.Generator().manual_seed(0)) * mask_B_T
+    positions = []  # tokens embedded per forward: the shared path embeds each distinct prompt once
+    hook = student.get_input_embeddings().register_forward_hook(lambda m, args, out: positions.append(args[0].numel()))
+    shared_B_T = masked_token_logprobs(student, tokens_B_L, attention_B_L, mask_B_T, temperature=0.8, vocab_size=V)
+    hook.remove()
+    (shared_B_T * upstream_B_T).sum().backward()
+    shared_grads = [p.grad.clone() for p in student.parameters()]
+    student.zero_grad()
+    logits_B_T_V = student(input_ids=tokens_B_L, attention_mask=attention_B_L).logits[:, :-1, :V]
+    full_B_T = torch.where(mask_B_T > 0, token_logprobs(logits_B_T_V, tokens_B_L[:, 1:], 0.8), 0.0)
+    (full_B_T * upstream_B_T).sum().backward()
+    width, longest = max(map(len, prompts)), max(map(len, completions))
+    assert positions == [3 * width, 6 * longest]  # 3 distinct prompts, then the 6 scored rows' completions
+    torch.testing.assert_close(shared_B_T, full_B_T.detach(), atol=2e-5, rtol=1e-5)
+    assert (shared_B_T[mask_B_T == 0] == 0).all()
+    for got, p in zip(shared_grads, student.parameters(), strict=True):
+        torch.testing.assert_close(got, p.grad, atol=5e-5, rtol=1e-4)
+
+
+def test_gradient_checkpointing_keeps_the_plain_forward(student, tokenizer):
+    # transformers drops the KV cache under gradient checkpointing, so the shared path would be wrong there.
+    student.gradient_checkpointing_enable()
+    prompt = tokenizer.encode("3-1=", add_special_tokens=False)
+    tokens_B_L, attention_B_L = right_pad([prompt + [20, 21, 22], prompt + [30, 31]], 0)
+    mask_B_T = completion_mask(torch.tensor([len(prompt)] * 2), torch.tensor([3, 2]), tokens_B_L.shape[1] - 1).float()
+    positions = []
+    student.get_input_embeddings().register_forward_hook(lambda m, args, out: positions.append(args[0].numel()))
+    got_B_T = masked_token_logprobs(student, tokens_B_L, attention_B_L, mask_B_T)
+    assert positions == [tokens_B_L.numel()]
+    full_B_T = token_logprobs(student(input_ids=tokens_B_L, attention_mask=attention_B_L).logits[:, :-1], tokens_B_L[:, 1:])
+    torch.testing.assert_close(got_B_T, torch.where(mask_B_T > 0, full_B_T, 0.0).detach(), atol=1e-5, rtol=1e-5)

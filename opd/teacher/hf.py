@@ -5,7 +5,7 @@ target space, `[len(teacher_prompt) - 1, len(teacher_prompt) - 1 + R)` (DESIGN.m
 `collate` then places it at the student's positions. When rows share a prompt (the G
 completions of one prompt), each distinct prompt runs through the teacher once and its KV cache
 serves all of its completions: with privileged GSM8K prompts (~214 teacher tokens) and G = 4 that
-is about half the teacher's tokens (`_shared_prompt_hidden_states`). Given the tokenizer's `vocab_size`,
+is about half the teacher's tokens (`opd.fused.shared_prompt_hidden_states`). Given the tokenizer's `vocab_size`,
 every distribution is formed over the tokenizer's ids only, so a padded embedding scores
 exactly as the unpadded one (DESIGN.md §5).
 """
@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import torch
 
-from transformers import DynamicCache
-
 from opd.batch import right_pad
-from opd.fused import head_weight, linear_token_logprobs, masked_token_logprobs, supports_fused
+from opd.fused import (head_weight, linear_token_logprobs, masked_token_logprobs, shared_prompt_hidden_states,
+                       supports_fused)
 from opd.logprobs import completion_mask, token_logprobs
 from opd.teacher import TeacherScores
 from opd.tokenization import vocab_logits
@@ -54,7 +53,7 @@ def score_tokens(model: torch.nn.Module, prompts: list[list[int]], completions: 
 def _score_chunk(model, prompts, completions, temperature, topk, full_logits, vocab_size) -> list[TeacherScores]:
     device = next(model.parameters()).device
     if supports_fused(model) and len({tuple(p) for p in prompts}) < len(prompts):
-        return _score_shared_prompts(model, prompts, completions, temperature, topk, full_logits, vocab_size, device)
+        return _score_shared_prompts(model, prompts, completions, temperature, topk, full_logits, vocab_size)
     pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     tokens_B_L, attention_mask_B_L = right_pad([p + c for p, c in zip(prompts, completions, strict=True)], pad_id)
     tokens_B_L, attention_mask_B_L = tokens_B_L.to(device), attention_mask_B_L.to(device)
@@ -94,10 +93,10 @@ def _completion_logprobs(model, prompts, completions, tokens_B_L, attention_mask
             for row, (p, c) in enumerate(zip(prompts, completions, strict=True))]
 
 
-def _score_shared_prompts(model, prompts, completions, temperature, topk, full_logits, vocab_size,
-                          device) -> list[TeacherScores]:
-    """`_score_chunk`'s values with each distinct prompt run once (`_shared_prompt_hidden_states`)."""
-    hidden_B_R_H, completions_B_R, active_B_R = _shared_prompt_hidden_states(model, prompts, completions, device)
+def _score_shared_prompts(model, prompts, completions, temperature, topk, full_logits,
+                          vocab_size) -> list[TeacherScores]:
+    """`_score_chunk`'s values with each distinct prompt run once (`opd.fused.shared_prompt_hidden_states`)."""
+    hidden_B_R_H, completions_B_R, active_B_R = shared_prompt_hidden_states(model, prompts, completions)
     weight_V_H = head_weight(model, vocab_size)
     lengths = [len(c) for c in completions]
     if not topk and not full_logits:  # logits one chunk of active rows at a time, as opd/fused.py does
@@ -106,42 +105,6 @@ def _score_shared_prompts(model, prompts, completions, temperature, topk, full_l
         return [TeacherScores(logprobs_R=lp.clone()) for lp in logprobs_N.split(lengths)]
     return _scores_from_logits(hidden_B_R_H @ weight_V_H.T, completions_B_R, [slice(0, n) for n in lengths],
                                temperature, topk, full_logits)  # the head at completion positions only
-
-
-def _shared_prompt_hidden_states(model, prompts, completions,
-                                 device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(hidden_B_R_H, completions_B_R, active_B_R): the final hidden state that predicts each completion token.
-
-    Pass 1 runs the U distinct prompts, left-padded (positions follow the mask, as in the rollout
-    engine); its last position predicts every row's first completion token, and its KV cache is
-    copied to the B rows. Pass 2 runs the right-padded completions on that cache, positions
-    continuing each row's prompt. Causal attention makes this the same computation as one forward
-    over `prompt + completion` (tests/test_fused.py checks the values against it).
-    """
-    unique: dict[tuple[int, ...], int] = {}
-    group_B = torch.tensor([unique.setdefault(tuple(p), len(unique)) for p in prompts], device=device)
-    width = max(len(p) for p in unique)
-    pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
-    prompts_U_W = torch.full((len(unique), width), pad_id, dtype=torch.long)
-    prompt_mask_U_W = torch.zeros_like(prompts_U_W)
-    for u, p in enumerate(unique):
-        prompts_U_W[u, width - len(p):], prompt_mask_U_W[u, width - len(p):] = torch.tensor(p), 1
-    prompts_U_W, prompt_mask_U_W = prompts_U_W.to(device), prompt_mask_U_W.to(device)
-    backbone = getattr(model, model.base_model_prefix)
-    cache = DynamicCache(config=model.config)
-    last_U_H = backbone(input_ids=prompts_U_W, attention_mask=prompt_mask_U_W, past_key_values=cache, use_cache=True,
-                        position_ids=(prompt_mask_U_W.cumsum(-1) - 1).clamp(min=0)).last_hidden_state[:, -1]
-    cache.batch_select_indices(group_B)
-    completions_B_R, completion_mask_B_R = right_pad(completions, pad_id, min_width=1)
-    completions_B_R, completion_mask_B_R = completions_B_R.to(device), completion_mask_B_R.to(device)
-    R = completions_B_R.shape[1]
-    prompt_lens_B = prompt_mask_U_W.sum(-1)[group_B]
-    hidden_B_R_H = backbone(input_ids=completions_B_R, past_key_values=cache, use_cache=True,
-                            attention_mask=torch.cat([prompt_mask_U_W[group_B], completion_mask_B_R], dim=1),
-                            position_ids=prompt_lens_B[:, None] + torch.arange(R, device=device)).last_hidden_state
-    # the hidden state before completion token j: the prompt's last for j = 0, completion token j - 1's after
-    hidden_B_R_H = torch.cat([last_U_H[group_B, None], hidden_B_R_H[:, :-1]], dim=1)
-    return hidden_B_R_H, completions_B_R, completion_mask_B_R.bool()
 
 
 class HFTeacherScorer:
