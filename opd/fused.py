@@ -113,24 +113,42 @@ def masked_token_logprobs(model: torch.nn.Module, tokens_B_L: Tensor, attention_
     The same values as `token_logprobs(model(...).logits[:, :-1], tokens[:, 1:], temperature)` on the
     mask (DESIGN.md §3: masked positions hold 0.0), with logits only for the active rows.
     `vocab_size`: logits past it (padded embedding rows) are left out of the softmax.
-    When rows share the prefix before their first scored token (the G completions of one prompt),
-    that prefix runs once per distinct prompt (`shared_prompt_hidden_states`), gradients included.
     """
     active_B_T = mask_B_T != 0
-    weight_V_H = head_weight(model, vocab_size)
+    logprobs_N = linear_token_logprobs(active_hidden_states(model, tokens_B_L, attention_mask_B_L, active_B_T),
+                                       head_weight(model, vocab_size), tokens_B_L[:, 1:][active_B_T], temperature)
+    return torch.zeros(mask_B_T.shape, dtype=logprobs_N.dtype, device=logprobs_N.device).masked_scatter(
+        active_B_T, logprobs_N)
+
+
+def masked_logits(model: torch.nn.Module, tokens_B_L: Tensor, attention_mask_B_L: Tensor, mask_B_T: Tensor,
+                  vocab_size: int | None = None) -> Tensor:
+    """logits_B_T_V predicting `tokens_B_L[:, 1:]` where `mask_B_T` is set, 0.0 elsewhere, for the full-distribution losses.
+
+    As `model(...).logits[:, :-1, :vocab_size]` on the mask; the head runs at the scored positions only
+    and shared prompts run once. The losses ignore the masked positions, whose zero logits stay finite.
+    """
+    active_B_T = mask_B_T != 0
+    logits_N_V = active_hidden_states(model, tokens_B_L, attention_mask_B_L, active_B_T) @ head_weight(model, vocab_size).T
+    logits_B_T_V = logits_N_V.new_zeros((*mask_B_T.shape, logits_N_V.shape[-1]))
+    return logits_B_T_V.masked_scatter(active_B_T[..., None], logits_N_V)
+
+
+def active_hidden_states(model: torch.nn.Module, tokens_B_L: Tensor, attention_mask_B_L: Tensor,
+                         active_B_T: Tensor) -> Tensor:
+    """hidden_N_H: the final hidden state before each active target, in the row-major order of `x_B_T[active_B_T]`.
+
+    When rows share the prefix before their first active target (the G completions of one prompt),
+    that prefix runs once per distinct prompt (`shared_prompt_hidden_states`), gradients included.
+    """
     shared = _shared_prefixes(model, tokens_B_L, attention_mask_B_L, active_B_T)
     if shared is not None:
         prompts, completions, span_B_T = shared
-        hidden_B_R_H, completions_B_R, real_B_R = shared_prompt_hidden_states(model, prompts, completions)
-        logprobs_N = linear_token_logprobs(hidden_B_R_H[real_B_R], weight_V_H, completions_B_R[real_B_R], temperature)
-        logprobs_B_T = torch.zeros(mask_B_T.shape, dtype=logprobs_N.dtype, device=logprobs_N.device)
-        return torch.where(active_B_T, logprobs_B_T.masked_scatter(span_B_T, logprobs_N), 0.0)
+        hidden_B_R_H, _, real_B_R = shared_prompt_hidden_states(model, prompts, completions)
+        return hidden_B_R_H[real_B_R][active_B_T[span_B_T]]  # the span's positions, row-major; then the active ones
     hidden_B_L_H = getattr(model, model.base_model_prefix)(input_ids=tokens_B_L,
                                                            attention_mask=attention_mask_B_L).last_hidden_state
-    logprobs_N = linear_token_logprobs(hidden_B_L_H[:, :-1][active_B_T], weight_V_H, tokens_B_L[:, 1:][active_B_T],
-                                       temperature)
-    return torch.zeros(mask_B_T.shape, dtype=logprobs_N.dtype, device=logprobs_N.device).masked_scatter(
-        active_B_T, logprobs_N)
+    return hidden_B_L_H[:, :-1][active_B_T]
 
 
 def _shared_prefixes(model, tokens_B_L: Tensor, attention_mask_B_L: Tensor,

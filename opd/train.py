@@ -21,7 +21,7 @@ from opd import checkpoint, distributed
 from opd.batch import collate
 from opd.config import TrainConfig
 from opd.evaluate import Evaluator
-from opd.fused import masked_token_logprobs, supports_fused
+from opd.fused import masked_logits, masked_token_logprobs, supports_fused
 from opd.logprobs import masked_mean, token_logprobs
 from opd.losses import (generalized_jsd_loss, grpo_advantages, importance_sampling_loss,
                         opsm_mask, reverse_kl_advantages, topk_forward_kl_loss)
@@ -238,8 +238,7 @@ def micro_loss(student: torch.nn.Module, micro: Batch, config: TrainConfig, num_
     Logits past `vocab_size` (a padded embedding) are dropped, so they get no gradient (DESIGN.md §5).
     """
     if config.loss in ("topk_kl", "jsd"):
-        logits_B_L_V = student(input_ids=micro.tokens_B_L, attention_mask=micro.attention_mask_B_L).logits
-        logits_B_T_V = vocab_logits(logits_B_L_V[:, :-1], vocab_size)
+        logits_B_T_V = student_logits(student, micro, vocab_size)
         if config.loss == "topk_kl":
             return topk_forward_kl_loss(logits_B_T_V, micro.teacher_topk_ids_B_T_K, micro.teacher_topk_logprobs_B_T_K,
                                         micro.loss_mask_B_T, num_tokens, temperature=config.divergence_temperature,
@@ -276,6 +275,18 @@ def sampled_token_logprobs(student: torch.nn.Module, micro: Batch, config: Train
     logits_B_L_V = student(input_ids=micro.tokens_B_L, attention_mask=micro.attention_mask_B_L).logits
     return token_logprobs(vocab_logits(logits_B_L_V[:, :-1], vocab_size), micro.tokens_B_L[:, 1:],
                           temperature=config.temperature, top_k=config.top_k, top_p=config.top_p)
+
+
+def student_logits(student: torch.nn.Module, micro: Batch, vocab_size: int | None = None) -> torch.Tensor:
+    """logits_B_T_V in target space, for the full-distribution losses, which read them on the loss mask only.
+
+    On a plain-head model the head runs at the completion tokens only and each shared prompt once
+    (opd/fused.py); the masked positions then hold 0.0 instead of the logits a plain forward gives.
+    """
+    if supports_fused(student):
+        return masked_logits(student, micro.tokens_B_L, micro.attention_mask_B_L, micro.loss_mask_B_T, vocab_size)
+    logits_B_L_V = student(input_ids=micro.tokens_B_L, attention_mask=micro.attention_mask_B_L).logits
+    return vocab_logits(logits_B_L_V[:, :-1], vocab_size)
 
 
 def batch_metrics(batch: Batch, rollouts: list[Rollout]) -> dict[str, float]:

@@ -5,7 +5,8 @@ import copy
 import torch
 
 from opd.batch import right_pad
-from opd.fused import linear_token_logprobs, masked_token_logprobs, supports_fused
+from opd.fused import linear_token_logprobs, masked_logits, masked_token_logprobs, supports_fused
+from opd.losses import generalized_jsd_loss, topk_forward_kl_loss
 from opd.logprobs import completion_mask, token_logprobs
 from opd.teacher.hf import score_tokens
 
@@ -101,6 +102,7 @@ def test_a_shared_prompt_trains_through_one_prompt_forward_with_the_same_values_
     tokens_B_L, attention_B_L = right_pad([p + comp for p, comp in zip(prompts, completions, strict=True)], 0)
     mask_B_T = completion_mask(torch.tensor([len(p) for p in prompts]), torch.tensor([len(comp) for comp in completions]),
                                tokens_B_L.shape[1] - 1).float()
+    mask_B_T[0, len(a) + 1] = 0.0  # a hole inside row 0's completion: scored around, not at
     upstream_B_T = torch.randn(mask_B_T.shape, generator=torch.Generator().manual_seed(0)) * mask_B_T
     positions = []  # tokens embedded per forward: the shared path embeds each distinct prompt once
     hook = student.get_input_embeddings().register_forward_hook(lambda m, args, out: positions.append(args[0].numel()))
@@ -122,7 +124,7 @@ def test_a_shared_prompt_trains_through_one_prompt_forward_with_the_same_values_
 
 def test_gradient_checkpointing_keeps_the_plain_forward(student, tokenizer):
     # transformers drops the KV cache under gradient checkpointing, so the shared path would be wrong there.
-    student.gradient_checkpointing_enable()
+    student.activation_checkpointing_enable()
     prompt = tokenizer.encode("3-1=", add_special_tokens=False)
     tokens_B_L, attention_B_L = right_pad([prompt + [20, 21, 22], prompt + [30, 31]], 0)
     mask_B_T = completion_mask(torch.tensor([len(prompt)] * 2), torch.tensor([3, 2]), tokens_B_L.shape[1] - 1).float()
@@ -132,3 +134,38 @@ def test_gradient_checkpointing_keeps_the_plain_forward(student, tokenizer):
     assert positions == [tokens_B_L.numel()]
     full_B_T = token_logprobs(student(input_ids=tokens_B_L, attention_mask=attention_B_L).logits[:, :-1], tokens_B_L[:, 1:])
     torch.testing.assert_close(got_B_T, torch.where(mask_B_T > 0, full_B_T, 0.0).detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_full_distribution_losses_see_the_same_logits_and_gradients_through_masked_logits(student, teacher, tokenizer):
+    # The JSD and top-k KL read the student's logits on the loss mask only: `masked_logits` builds them
+    # there alone (shared prompts once, zeros elsewhere), and both losses must give the full forward's
+    # value and gradient. Rows 0-1 share a prompt, row 2 is alone; right padding on row 1 and 2.
+    enc = lambda text: tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
+    a, b = enc("What is 12+7-3?"), enc("3-1=")
+    prompts, completions = [a, a, b], [enc("16\nFinal: 16"), enc("=9"), enc("2")]
+    tokens_B_L, attention_B_L = right_pad([p + c for p, c in zip(prompts, completions, strict=True)], 0)
+    mask_B_T = completion_mask(torch.tensor([len(p) for p in prompts]), torch.tensor([len(c) for c in completions]),
+                               tokens_B_L.shape[1] - 1).float()
+    with torch.no_grad():
+        teacher_B_T_V = teacher(input_ids=tokens_B_L, attention_mask=attention_B_L).logits[:, :-1] * mask_B_T[..., None]
+    topk_lp_B_T_K, topk_ids_B_T_K = torch.log_softmax(teacher_B_T_V, -1).topk(4, -1)
+    topk_lp_B_T_K = topk_lp_B_T_K.masked_fill(mask_B_T[..., None] == 0, float("-inf"))
+    n = mask_B_T.sum()
+    losses = {"jsd": lambda z: generalized_jsd_loss(z, teacher_B_T_V, mask_B_T, n, beta=0.3, temperature=0.9)[0],
+              "topk": lambda z: topk_forward_kl_loss(z, topk_ids_B_T_K, topk_lp_B_T_K, mask_B_T, n, tail_bucket=True,
+                                                     sampled_ids_B_T=tokens_B_L[:, 1:])[0]}
+    for name, loss_fn in losses.items():
+        student.zero_grad()
+        masked_B_T_V = masked_logits(student, tokens_B_L, attention_B_L, mask_B_T)
+        assert (masked_B_T_V[mask_B_T == 0] == 0).all()
+        masked_loss = loss_fn(masked_B_T_V)
+        masked_loss.backward()
+        masked_grads = [p.grad.clone() for p in student.parameters()]
+        student.zero_grad()
+        full_B_T_V = student(input_ids=tokens_B_L, attention_mask=attention_B_L).logits[:, :-1]
+        torch.testing.assert_close(masked_B_T_V[mask_B_T > 0], full_B_T_V[mask_B_T > 0], atol=2e-5, rtol=1e-5)
+        full_loss = loss_fn(full_B_T_V)
+        full_loss.backward()
+        torch.testing.assert_close(masked_loss, full_loss, atol=1e-5, rtol=1e-5, msg=name)
+        for got, p in zip(masked_grads, student.parameters(), strict=True):
+            torch.testing.assert_close(got, p.grad, atol=5e-5, rtol=1e-4, msg=name)
