@@ -259,7 +259,25 @@ def table(results: dict) -> str:
                 kls = ", ".join(f"{run['final_sampled_reverse_kl']:.3f}" for run in r["runs"])
                 row += f" {m['final_sampled_reverse_kl']:.3f} ({kls}) |"
             lines.append(row)
+        lines += paired_lines(by_trainer, scale)
     return "\n".join(lines)
+
+
+def paired_lines(by_trainer: dict, scale: str) -> list[str]:
+    """Each opd trainer against TRL run by run: repetition r of every trainer ran back to back (same seed)."""
+    trl_runs, lines = by_trainer["trl"]["runs"], []
+    for trainer in TRAINERS[1:]:
+        runs = by_trainer[trainer]["runs"]
+        if scale == "quality":
+            diffs = [r["final_sampled_reverse_kl"] - t["final_sampled_reverse_kl"] for r, t in zip(runs, trl_runs)]
+            se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else float("nan")
+            lines.append(f"- {trainer} final KL minus TRL's, same seed: mean {statistics.mean(diffs):+.3f} "
+                         f"± {se:.3f} (standard error of {len(diffs)} pairs)")
+        else:
+            ratios = [r["tokens_per_s"] / t["tokens_per_s"] for r, t in zip(runs, trl_runs)]
+            lines.append(f"- {trainer} tokens/s over TRL's, repetition by repetition: "
+                         + ", ".join(f"{x:.2f}" for x in ratios) + f" (median {statistics.median(ratios):.2f}x)")
+    return lines
 
 
 SCALES_USED: dict = {}
