@@ -131,7 +131,8 @@ def masked_logits(model: torch.nn.Module, tokens_B_L: Tensor, attention_mask_B_L
     active_B_T = mask_B_T != 0
     logits_N_V = active_hidden_states(model, tokens_B_L, attention_mask_B_L, active_B_T) @ head_weight(model, vocab_size).T
     logits_B_T_V = logits_N_V.new_zeros((*mask_B_T.shape, logits_N_V.shape[-1]))
-    return logits_B_T_V.masked_scatter(active_B_T[..., None], logits_N_V)
+    logits_B_T_V[active_B_T] = logits_N_V  # whole rows of V; masked_scatter made the step 1.3x slower
+    return logits_B_T_V
 
 
 def active_hidden_states(model: torch.nn.Module, tokens_B_L: Tensor, attention_mask_B_L: Tensor,
