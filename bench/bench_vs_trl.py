@@ -21,6 +21,11 @@ it runs one batch of 16. The quality runs (scale a, natural stopping) train each
 student with the same held-out evaluation: opd's sampled reverse KL (`opd.evaluate.Evaluator`) on
 200 test prompts.
 
+Before any timing, one identical batch of student samples goes through both objectives (TRL's
+`_chunked_divergence_loss` on TRL-shaped inputs, opd's `micro_loss` with the JSD at β = 1): their
+values and parameter gradients must agree, so that the final-KL comparison is between random
+streams, not objectives.
+
 Every run is a fresh subprocess (so peak RSS, from getrusage, is one trainer's), runs alternate
 trainer by trainer within each repetition (rotating the order) so machine noise hits all of them,
 and the table reports medians over repetitions of per-run medians over steps (the first step of a
@@ -200,12 +205,61 @@ def worker_eval(spec: dict) -> dict:
     return evaluator.sampled_metrics(student)
 
 
+def worker_parity(spec: dict) -> dict:
+    """TRL's loss (its `_chunked_divergence_loss` on TRL-shaped inputs) and opd's `micro_loss` (JSD, β = 1) on one
+    identical batch of real student samples: the value and every parameter gradient should agree, so that a
+    difference in final KL between the two comes from their random streams, not their objectives."""
+    import torch
+    from trl.trainer.distillation_trainer import _chunked_divergence_loss
+
+    from opd.batch import collate, right_pad
+    from opd.config import load_config
+    from opd.models import load_model, load_tokenizer
+    from opd.rollout import Sampling
+    from opd.rollout.hf import HFRolloutEngine
+    from opd.teacher.hf import HFTeacherScorer
+    from opd.tokenization import render_prompt
+    from opd.train import micro_loss
+
+    tokenizer = load_tokenizer(spec["student"])
+    student, teacher = load_model(spec["student"]), load_model(spec["teacher"]).eval()
+    prompts = [render_prompt(tokenizer, ex.prompt) for ex in _examples(spec)[:8]]
+    rollouts = HFRolloutEngine(student, tokenizer).generate(prompts, 2, Sampling(max_new_tokens=spec["N"]), seed=0)
+    for r in rollouts:
+        r.teacher_prompt_ids = r.prompt_ids
+    batch = collate(rollouts, HFTeacherScorer(teacher).score(rollouts, 1.0, full_logits=True), tokenizer.pad_token_id)
+    student.train()
+    config = load_config(None, ["loss=jsd", "jsd_beta=1.0", "temperature=1.0"])
+    opd_loss, _ = micro_loss(student, batch, config, batch.num_tokens, len(tokenizer))
+    opd_loss.backward()
+    opd_grads = [p.grad.clone() for p in student.parameters()]
+    student.zero_grad()
+    # TRL's shapes: left-padded prompts, right-padded completions, hidden states cut as its _get_last_hidden_state
+    width = max(len(r.prompt_ids) for r in rollouts)
+    prompt_ids, prompt_mask = right_pad([r.prompt_ids[::-1] for r in rollouts], tokenizer.pad_token_id)
+    prompt_ids, prompt_mask = prompt_ids[:, :width].flip(1), prompt_mask[:, :width].flip(1)
+    completion_ids, completion_mask = right_pad([r.completion_ids for r in rollouts], tokenizer.pad_token_id, min_width=1)
+    ids, mask = torch.cat([prompt_ids, completion_ids], 1), torch.cat([prompt_mask, completion_mask], 1)
+    C = completion_ids.shape[1]
+    student_hidden = student.model(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1][:, -C:]
+    with torch.no_grad():
+        teacher_hidden = teacher.model(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1][:, -C:]
+    trl_loss, _, _ = _chunked_divergence_loss(student_hidden, teacher_hidden, student.lm_head.weight,
+                                              teacher.lm_head.weight, completion_mask, 1.0,
+                                              num_items_in_batch=completion_mask.sum())
+    trl_loss.backward()
+    relative = max(((mine - p.grad).norm() / p.grad.norm()).item() for mine, p in zip(opd_grads, student.parameters()))
+    return {"opd_loss": opd_loss.item(), "trl_loss": trl_loss.item(), "max_relative_grad_diff": relative,
+            "tokens": batch.num_tokens}
+
+
 def worker(spec: dict) -> None:
     import torch
     torch.set_num_threads(spec["threads"])
     start = time.perf_counter()
-    result = {"worker": worker_eval, "trl": worker_trl, "opd": worker_opd, "opd_jsd": worker_opd}[
-        "worker" if spec.get("eval") else spec["trainer"]](spec)
+    kind = "eval" if spec.get("eval") else spec["trainer"]
+    result = {"eval": worker_eval, "parity": worker_parity, "trl": worker_trl, "opd": worker_opd,
+              "opd_jsd": worker_opd}[kind](spec)
     result["wall_s"] = time.perf_counter() - start
     result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     Path(spec["result"]).write_text(json.dumps(result))
@@ -263,6 +317,12 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def parity_line(parity: dict) -> str:
+    return (f"same objective: on one batch of 16 student samples ({parity['tokens']} tokens) opd's JSD at beta=1 gives "
+            f"loss {parity['opd_loss']:.6f}, TRL's {parity['trl_loss']:.6f}; parameter gradients agree to "
+            f"{parity['max_relative_grad_diff']:.1e} (largest relative difference)")
+
+
 def paired_lines(by_trainer: dict, scale: str) -> list[str]:
     """Each opd trainer against TRL run by run: repetition r of every trainer ran back to back (same seed)."""
     trl_runs, lines = by_trainer["trl"]["runs"], []
@@ -306,6 +366,9 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     raw = {name: {t: [] for t in TRAINERS} for name in scales}
     with tempfile.TemporaryDirectory(prefix="bench_vs_trl_") as tmp:
+        parity = run_subprocess(SCALES["a"] | {"trainer": "parity", "seed": SEED, "threads": args.threads,
+                                               "train_size": 4096, "result": str(Path(tmp) / "parity.json")})
+        print(parity_line(parity), flush=True)
         for rep in range(max(args.repeats, args.quality_repeats)):
             for name in scales:
                 if rep >= (args.quality_repeats if name == "quality" else args.repeats):
@@ -337,7 +400,7 @@ def main() -> None:
                     s["final_sampled_reverse_kl"] = run["eval"]["eval/sampled_reverse_kl"]
                 runs.append(s)
             results[name][trainer] = {"median": median_over_reps(runs), "runs": runs}
-    text = table(results)
+    text = parity_line(parity) + "\n" + table(results)
     print(text)
     import torch
     import transformers
@@ -347,7 +410,7 @@ def main() -> None:
             "cpus": os.cpu_count(), "threads": args.threads, "loadavg_end": os.getloadavg(), "quick": args.quick,
             "repeats": args.repeats, "quality_repeats": args.quality_repeats, "scales": SCALES_USED}
     out = RESULTS / "bench_vs_trl.json"
-    out.write_text(json.dumps({"meta": meta, "results": results, "raw": raw, "table": text}, indent=1))
+    out.write_text(json.dumps({"meta": meta, "parity": parity, "results": results, "raw": raw, "table": text}, indent=1))
     print(f"\nwrote {out}")
 
 
