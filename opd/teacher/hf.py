@@ -5,7 +5,7 @@ target space, `[len(teacher_prompt) - 1, len(teacher_prompt) - 1 + R)` (DESIGN.m
 `collate` then places it at the student's positions. When rows share a prompt (the G
 completions of one prompt), each distinct prompt runs through the teacher once and its KV cache
 serves all of its completions: with privileged GSM8K prompts (~214 teacher tokens) and G = 4 that
-is about half the teacher's tokens (`opd.fused.shared_prompt_hidden_states`). Given the tokenizer's `vocab_size`,
+is about half the teacher's tokens (`opd.fused.active_hidden_states`). Given the tokenizer's `vocab_size`,
 every distribution is formed over the tokenizer's ids only, so a padded embedding scores
 exactly as the unpadded one (DESIGN.md §5).
 """
@@ -15,8 +15,7 @@ from __future__ import annotations
 import torch
 
 from opd.batch import right_pad
-from opd.fused import (head_weight, linear_token_logprobs, masked_token_logprobs, shared_prompt_hidden_states,
-                       supports_fused)
+from opd.fused import active_hidden_states, head_weight, linear_token_logprobs, supports_fused
 from opd.logprobs import completion_mask, token_logprobs
 from opd.teacher import TeacherScores
 from opd.tokenization import vocab_logits
@@ -52,23 +51,22 @@ def score_tokens(model: torch.nn.Module, prompts: list[list[int]], completions: 
 
 def _score_chunk(model, prompts, completions, temperature, topk, full_logits, vocab_size) -> list[TeacherScores]:
     device = next(model.parameters()).device
-    if supports_fused(model) and len({tuple(p) for p in prompts}) < len(prompts):
-        return _score_shared_prompts(model, prompts, completions, temperature, topk, full_logits, vocab_size)
     pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     tokens_B_L, attention_mask_B_L = right_pad([p + c for p, c in zip(prompts, completions, strict=True)], pad_id)
     tokens_B_L, attention_mask_B_L = tokens_B_L.to(device), attention_mask_B_L.to(device)
-    if not topk and not full_logits and supports_fused(model):  # logits only at the completion tokens
-        return [TeacherScores(logprobs_R=lp) for lp in _completion_logprobs(model, prompts, completions, tokens_B_L,
-                                                                             attention_mask_B_L, temperature, vocab_size)]
+    if supports_fused(model):
+        return _fused_scores(model, prompts, completions, tokens_B_L, attention_mask_B_L, temperature, topk,
+                             full_logits, vocab_size)
     logits_B_L_V = model(input_ids=tokens_B_L, attention_mask=attention_mask_B_L).logits
-    spans = [slice(len(p) - 1, len(p) - 1 + len(c)) for p, c in zip(prompts, completions, strict=True)]
+    spans = [(row, slice(len(p) - 1, len(p) - 1 + len(c))) for row, (p, c) in enumerate(zip(prompts, completions,
+                                                                                              strict=True))]
     return _scores_from_logits(vocab_logits(logits_B_L_V[:, :-1], vocab_size), tokens_B_L[:, 1:], spans, temperature,
                                topk, full_logits)
 
 
-def _scores_from_logits(logits_B_T_V, targets_B_T, spans: list[slice], temperature, topk,
+def _scores_from_logits(logits_B_T_V, targets_B_T, spans: list[tuple[int, slice]], temperature, topk,
                         full_logits) -> list[TeacherScores]:
-    """Each row's scores over its completion `spans[row]` of target space, from logits at `temperature`."""
+    """One completion's scores per `(row, span)` of target space, from logits at `temperature`."""
     logprobs_B_T = token_logprobs(logits_B_T_V, targets_B_T, temperature=temperature).cpu()
     if topk:
         k = min(topk, logits_B_T_V.shape[-1])
@@ -78,33 +76,25 @@ def _scores_from_logits(logits_B_T_V, targets_B_T, spans: list[slice], temperatu
                           topk_ids_R_K=topk_ids_B_T_K[row, span].clone() if topk else None,
                           topk_logprobs_R_K=topk_logprobs_B_T_K[row, span].clone() if topk else None,
                           logits_R_V=logits_B_T_V[row, span].float().cpu().clone() if full_logits else None)
-            for row, span in enumerate(spans)]
+            for row, span in spans]
 
 
-def _completion_logprobs(model, prompts, completions, tokens_B_L, attention_mask_B_L, temperature,
-                         vocab_size: int | None) -> list[torch.Tensor]:
-    """Each completion's logprobs via opd/fused.py: no `[B, T, V]` logits, no lm_head rows for prompts or padding."""
-    prompt_lens_B = torch.tensor([len(p) for p in prompts])
-    completion_lens_B = torch.tensor([len(c) for c in completions])
-    mask_B_T = completion_mask(prompt_lens_B, completion_lens_B, tokens_B_L.shape[1] - 1).to(tokens_B_L.device)
-    logprobs_B_T = masked_token_logprobs(model, tokens_B_L, attention_mask_B_L, mask_B_T, temperature,
-                                         vocab_size=vocab_size).cpu()
-    return [logprobs_B_T[row, len(p) - 1 : len(p) - 1 + len(c)].clone()
-            for row, (p, c) in enumerate(zip(prompts, completions, strict=True))]
-
-
-def _score_shared_prompts(model, prompts, completions, temperature, topk, full_logits,
-                          vocab_size) -> list[TeacherScores]:
-    """`_score_chunk`'s values with each distinct prompt run once (`opd.fused.shared_prompt_hidden_states`)."""
-    hidden_B_R_H, completions_B_R, active_B_R = shared_prompt_hidden_states(model, prompts, completions)
-    weight_V_H = head_weight(model, vocab_size)
+def _fused_scores(model, prompts, completions, tokens_B_L, attention_mask_B_L, temperature, topk, full_logits,
+                  vocab_size) -> list[TeacherScores]:
+    """`_score_chunk`'s values through opd/fused.py: the head runs at the completion tokens only (no `[B, T, V]`
+    logits for prompts or padding), and each distinct prompt runs once for all of its completions."""
     lengths = [len(c) for c in completions]
-    if not topk and not full_logits:  # logits one chunk of active rows at a time, as opd/fused.py does
-        logprobs_N = linear_token_logprobs(hidden_B_R_H[active_B_R], weight_V_H, completions_B_R[active_B_R],
-                                           temperature).cpu()
+    mask_B_T = completion_mask(torch.tensor([len(p) for p in prompts]), torch.tensor(lengths), tokens_B_L.shape[1] - 1)
+    active_B_T = mask_B_T.to(tokens_B_L.device) != 0
+    hidden_N_H = active_hidden_states(model, tokens_B_L, attention_mask_B_L, active_B_T)  # row by row, in order
+    targets_N, weight_V_H = tokens_B_L[:, 1:][active_B_T], head_weight(model, vocab_size)
+    if not topk and not full_logits:  # logits one chunk of rows at a time
+        logprobs_N = linear_token_logprobs(hidden_N_H, weight_V_H, targets_N, temperature).cpu()
         return [TeacherScores(logprobs_R=lp.clone()) for lp in logprobs_N.split(lengths)]
-    return _scores_from_logits(hidden_B_R_H @ weight_V_H.T, completions_B_R, [slice(0, n) for n in lengths],
-                               temperature, topk, full_logits)  # the head at completion positions only
+    ends = torch.tensor(lengths).cumsum(0).tolist()
+    return _scores_from_logits((hidden_N_H @ weight_V_H.T)[None], targets_N[None],
+                               [(0, slice(end - n, end)) for n, end in zip(lengths, ends, strict=True)], temperature,
+                               topk, full_logits)
 
 
 class HFTeacherScorer:
