@@ -121,18 +121,14 @@ def masked_token_logprobs(model: torch.nn.Module, tokens_B_L: Tensor, attention_
         active_B_T, logprobs_N)
 
 
-def masked_logits(model: torch.nn.Module, tokens_B_L: Tensor, attention_mask_B_L: Tensor, mask_B_T: Tensor,
+def active_logits(model: torch.nn.Module, tokens_B_L: Tensor, attention_mask_B_L: Tensor, active_B_T: Tensor,
                   vocab_size: int | None = None) -> Tensor:
-    """logits_B_T_V predicting `tokens_B_L[:, 1:]` where `mask_B_T` is set, 0.0 elsewhere, for the full-distribution losses.
+    """logits_N_V predicting `tokens_B_L[:, 1:][active_B_T]`, row-major, for the full-distribution losses.
 
-    As `model(...).logits[:, :-1, :vocab_size]` on the mask; the head runs at the scored positions only
-    and shared prompts run once. The losses ignore the masked positions, whose zero logits stay finite.
+    The rows of `model(...).logits[:, :-1, :vocab_size][active_B_T]`, with the head at those rows only and
+    each shared prompt run once; the losses take the rows as a `[N, V]` lead, so no `[B, T, V]` exists.
     """
-    active_B_T = mask_B_T != 0
-    logits_N_V = active_hidden_states(model, tokens_B_L, attention_mask_B_L, active_B_T) @ head_weight(model, vocab_size).T
-    logits_B_T_V = logits_N_V.new_zeros((*mask_B_T.shape, logits_N_V.shape[-1]))
-    logits_B_T_V[active_B_T] = logits_N_V  # whole rows of V; masked_scatter made the step 1.3x slower
-    return logits_B_T_V
+    return active_hidden_states(model, tokens_B_L, attention_mask_B_L, active_B_T) @ head_weight(model, vocab_size).T
 
 
 def active_hidden_states(model: torch.nn.Module, tokens_B_L: Tensor, attention_mask_B_L: Tensor,

@@ -252,9 +252,13 @@ def _jsd_rows(s_C_V: Tensor, t_C_V: Tensor, beta: float, temperature: float) -> 
     -1e4 (exp underflows to 0 long before), so 0·log 0 terms are exactly 0 without extra passes.
     """
     dtype = _compute_dtype(s_C_V)
-    log_ps_C_V = torch.log_softmax(s_C_V.to(dtype) / temperature, dim=-1).clamp_(min=-1e4)
-    log_pt_C_V = torch.log_softmax(t_C_V.to(dtype) / temperature, dim=-1).clamp_(min=-1e4)
-    ps_C_V, pt_C_V = log_ps_C_V.exp(), log_pt_C_V.exp()
+    z_s_C_V, z_t_C_V = s_C_V.to(dtype), t_C_V.to(dtype)
+    if temperature != 1.0:  # at τ = 1 two divisions and the last one below would only copy
+        z_s_C_V, z_t_C_V = z_s_C_V / temperature, z_t_C_V / temperature
+    log_ps_C_V = torch.log_softmax(z_s_C_V, dim=-1).clamp_(min=-1e4)
+    log_pt_C_V = torch.log_softmax(z_t_C_V, dim=-1).clamp_(min=-1e4)
+    ps_C_V = log_ps_C_V.exp()
+    pt_C_V = log_pt_C_V.exp() if beta != 1.0 else None  # KL(P_S‖P_T) reads the teacher's log-probs only
     if beta == 0.0:
         value_C = torch.linalg.vecdot(pt_C_V, log_pt_C_V.sub_(log_ps_C_V))
         grad_C_V = ps_C_V.sub_(pt_C_V)
@@ -270,40 +274,49 @@ def _jsd_rows(s_C_V: Tensor, t_C_V: Tensor, beta: float, temperature: float) -> 
         diff_C_V = log_ps_C_V.sub_(log_ref_C_V)
         kl_s_C = torch.linalg.vecdot(ps_C_V, diff_C_V)
         value_C = value_t_C + weight_s * kl_s_C
-        grad_C_V = ps_C_V.mul_(diff_C_V.sub_(kl_s_C[:, None])).mul_(weight_s)
+        grad_C_V = ps_C_V.mul_(diff_C_V.sub_(kl_s_C[:, None]))
+        if weight_s != 1.0:
+            grad_C_V.mul_(weight_s)
     # A divergence is >= 0; fp32 rounding can leave ~-1e-7 for near-identical rows.
-    return value_C.clamp(min=0.0), grad_C_V.div_(temperature)
+    return value_C.clamp(min=0.0), grad_C_V if temperature == 1.0 else grad_C_V.div_(temperature)
 
 
 class _ChunkedJSD(torch.autograd.Function):
-    """Per-token JSD_β on active rows only; the backward recomputes each chunk into one gradient buffer."""
+    """Per-token JSD_β on active rows only, `chunk_size` rows at a time.
+
+    Each chunk's analytic gradient comes with its value, so the forward writes it into one gradient
+    buffer of the student's dtype and the backward only scales it by the incoming per-token weights:
+    no recomputation, and the buffer takes the place of the student logits that a recomputing backward
+    would keep, so peak memory is unchanged.
+    """
 
     @staticmethod
     def forward(ctx, student_lead_V, teacher_lead_V, beta, temperature, chunk_size, *active_idx):
         V = min(student_lead_V.shape[-1], teacher_lead_V.shape[-1])
         per_token_lead = torch.zeros(student_lead_V.shape[:-1], dtype=_compute_dtype(student_lead_V),
                                      device=student_lead_V.device)
-        for start in range(0, active_idx[0].numel(), chunk_size):
-            sel = tuple(i[start:start + chunk_size] for i in active_idx)
-            value_C, _ = _jsd_rows(student_lead_V[(*sel, slice(0, V))], teacher_lead_V[(*sel, slice(0, V))],
-                                   beta, temperature)
+        n = active_idx[0].numel()
+        # Rows already cut to the active ones (training passes `[N, V]`): chunks are views, every entry is written.
+        every_row = student_lead_V.dim() == 2 and n == student_lead_V.shape[0]
+        new = torch.empty_like if every_row and V == student_lead_V.shape[-1] else torch.zeros_like
+        grad_s = new(student_lead_V, memory_format=torch.contiguous_format)
+        for start in range(0, n, chunk_size):
+            sel = (slice(start, start + chunk_size),) if every_row else tuple(i[start:start + chunk_size]
+                                                                            for i in active_idx)
+            value_C, grad_C_V = _jsd_rows(student_lead_V[(*sel, slice(0, V))], teacher_lead_V[(*sel, slice(0, V))],
+                                          beta, temperature)
             per_token_lead[sel] = value_C
-        ctx.save_for_backward(student_lead_V, teacher_lead_V, *active_idx)
-        ctx.beta, ctx.temperature, ctx.chunk_size, ctx.V = beta, temperature, chunk_size, V
+            grad_s[(*sel, slice(0, V))] = grad_C_V.to(grad_s.dtype)
+        ctx.save_for_backward(grad_s, *active_idx)
         return per_token_lead
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_lead: Tensor):
-        student_lead_V, teacher_lead_V, *active_idx = ctx.saved_tensors
-        V = ctx.V
-        grad_s = torch.zeros(student_lead_V.shape, dtype=student_lead_V.dtype, device=student_lead_V.device)
-        for start in range(0, active_idx[0].numel(), ctx.chunk_size):
-            sel = tuple(i[start:start + ctx.chunk_size] for i in active_idx)
-            _, grad_C_V = _jsd_rows(student_lead_V[(*sel, slice(0, V))], teacher_lead_V[(*sel, slice(0, V))],
-                                    ctx.beta, ctx.temperature)
-            grad_s[(*sel, slice(0, V))] = grad_C_V.mul_(grad_lead[sel].to(grad_C_V.dtype)[:, None]).to(grad_s.dtype)
-        return (grad_s, None, None, None, None, *(None for _ in active_idx))
+        grad_s, *active_idx = ctx.saved_tensors
+        weight_lead = torch.zeros_like(grad_lead)  # inactive rows have a zero gradient whatever flows in
+        weight_lead[tuple(active_idx)] = grad_lead[tuple(active_idx)]
+        return (grad_s * weight_lead.to(grad_s.dtype)[..., None], None, None, None, None, *(None for _ in active_idx))
 
 
 def generalized_jsd_loss(student_logits_B_T_V: Tensor, teacher_logits_B_T_V: Tensor, loss_mask_B_T: Tensor,
@@ -316,9 +329,9 @@ def generalized_jsd_loss(student_logits_B_T_V: Tensor, teacher_logits_B_T_V: Ten
         L = Σ_t m_t JSD_β,t / N
     Shapes: logits `[B, T, Vs]` and `[B, T, Vt]`, mask `[B, T]`. Padded vocabularies: both sides
     are compared over the shared range `V = min(Vs, Vt)` only (columns above get zero gradient).
-    Computed in fp32 over active positions only, `chunk_size` rows at a time; the backward
-    recomputes each chunk with the analytic gradient and writes into one gradient of the student's
-    dtype. Gradient flows to the student only. Metric: `opd/jsd`.
+    Computed in fp32 over active positions only, `chunk_size` rows at a time, each chunk with its
+    analytic gradient, which the forward keeps in one buffer of the student's dtype for the backward.
+    Gradient flows to the student only. Metric: `opd/jsd`.
     """
     _check_temperature(temperature)
     _check_chunk_size(chunk_size)

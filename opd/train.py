@@ -21,7 +21,7 @@ from opd import checkpoint, distributed
 from opd.batch import collate
 from opd.config import TrainConfig
 from opd.evaluate import Evaluator
-from opd.fused import masked_logits, masked_token_logprobs, supports_fused
+from opd.fused import active_logits, masked_token_logprobs, supports_fused
 from opd.logprobs import masked_mean, token_logprobs
 from opd.losses import (generalized_jsd_loss, grpo_advantages, importance_sampling_loss,
                         opsm_mask, reverse_kl_advantages, topk_forward_kl_loss)
@@ -237,13 +237,16 @@ def micro_loss(student: torch.nn.Module, micro: Batch, config: TrainConfig, num_
 
     Logits past `vocab_size` (a padded embedding) are dropped, so they get no gradient (DESIGN.md §5).
     """
-    if config.loss in ("topk_kl", "jsd"):
-        logits_B_T_V = student_logits(student, micro, vocab_size)
+    if config.loss in ("topk_kl", "jsd"):  # the losses read the loss-mask rows only: pass them as an [N, ...] lead
+        active_B_T = micro.loss_mask_B_T != 0
+        logits_N_V = active_student_logits(student, micro, active_B_T, vocab_size)
+        mask_N = micro.loss_mask_B_T[active_B_T]
         if config.loss == "topk_kl":
-            return topk_forward_kl_loss(logits_B_T_V, micro.teacher_topk_ids_B_T_K, micro.teacher_topk_logprobs_B_T_K,
-                                        micro.loss_mask_B_T, num_tokens, temperature=config.divergence_temperature,
-                                        tail_bucket=config.tail_bucket, sampled_ids_B_T=micro.tokens_B_L[:, 1:])
-        return generalized_jsd_loss(logits_B_T_V, micro.teacher_logits_B_T_V, micro.loss_mask_B_T, num_tokens,
+            return topk_forward_kl_loss(logits_N_V, micro.teacher_topk_ids_B_T_K[active_B_T],
+                                        micro.teacher_topk_logprobs_B_T_K[active_B_T], mask_N, num_tokens,
+                                        temperature=config.divergence_temperature, tail_bucket=config.tail_bucket,
+                                        sampled_ids_B_T=micro.tokens_B_L[:, 1:][active_B_T])
+        return generalized_jsd_loss(logits_N_V, micro.teacher_logits_B_T_V[active_B_T], mask_N, num_tokens,
                                     beta=config.jsd_beta, temperature=config.divergence_temperature)
     student_logprobs_B_T = sampled_token_logprobs(student, micro, config, vocab_size)
     advantages_B_T = micro.advantages_B_T  # task (GRPO) advantages; None for pure OPD
@@ -277,16 +280,16 @@ def sampled_token_logprobs(student: torch.nn.Module, micro: Batch, config: Train
                           temperature=config.temperature, top_k=config.top_k, top_p=config.top_p)
 
 
-def student_logits(student: torch.nn.Module, micro: Batch, vocab_size: int | None = None) -> torch.Tensor:
-    """logits_B_T_V in target space, for the full-distribution losses, which read them on the loss mask only.
+def active_student_logits(student: torch.nn.Module, micro: Batch, active_B_T: torch.Tensor,
+                          vocab_size: int | None = None) -> torch.Tensor:
+    """logits_N_V at the `active_B_T` targets (row-major), in target space, for the full-distribution losses.
 
-    On a plain-head model the head runs at the completion tokens only and each shared prompt once
-    (opd/fused.py); the masked positions then hold 0.0 instead of the logits a plain forward gives.
+    On a plain-head model the head runs at those rows only and each shared prompt once (opd/fused.py).
     """
     if supports_fused(student):
-        return masked_logits(student, micro.tokens_B_L, micro.attention_mask_B_L, micro.loss_mask_B_T, vocab_size)
+        return active_logits(student, micro.tokens_B_L, micro.attention_mask_B_L, active_B_T, vocab_size)
     logits_B_L_V = student(input_ids=micro.tokens_B_L, attention_mask=micro.attention_mask_B_L).logits
-    return vocab_logits(logits_B_L_V[:, :-1], vocab_size)
+    return vocab_logits(logits_B_L_V[:, :-1], vocab_size)[active_B_T]
 
 
 def batch_metrics(batch: Batch, rollouts: list[Rollout]) -> dict[str, float]:

@@ -5,7 +5,7 @@ import copy
 import torch
 
 from opd.batch import right_pad
-from opd.fused import linear_token_logprobs, masked_logits, masked_token_logprobs, supports_fused
+from opd.fused import active_logits, linear_token_logprobs, masked_token_logprobs, supports_fused
 from opd.losses import generalized_jsd_loss, topk_forward_kl_loss
 from opd.logprobs import completion_mask, token_logprobs
 from opd.teacher.hf import score_tokens
@@ -136,35 +136,40 @@ def test_gradient_checkpointing_keeps_the_plain_forward(student, tokenizer):
     torch.testing.assert_close(got_B_T, torch.where(mask_B_T > 0, full_B_T, 0.0).detach(), atol=1e-5, rtol=1e-5)
 
 
-def test_full_distribution_losses_see_the_same_logits_and_gradients_through_masked_logits(student, teacher, tokenizer):
-    # The JSD and top-k KL read the student's logits on the loss mask only: `masked_logits` builds them
-    # there alone (shared prompts once, zeros elsewhere), and both losses must give the full forward's
-    # value and gradient. Rows 0-1 share a prompt, row 2 is alone; right padding on row 1 and 2.
+def test_full_distribution_losses_on_active_rows_match_the_full_forward(student, teacher, tokenizer):
+    # The JSD and top-k KL read the student's logits on the loss mask only: `active_logits` computes
+    # those rows alone (shared prompts once) and training hands the losses `[N, V]` rows with an all-ones
+    # mask; value and gradient must be the full forward's on `[B, T, V]` with the mask. Rows 0-1 share a
+    # prompt, row 2 is alone; right padding on rows 1 and 2.
     enc = lambda text: tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
     a, b = enc("What is 12+7-3?"), enc("3-1=")
     prompts, completions = [a, a, b], [enc("16\nFinal: 16"), enc("=9"), enc("2")]
     tokens_B_L, attention_B_L = right_pad([p + c for p, c in zip(prompts, completions, strict=True)], 0)
     mask_B_T = completion_mask(torch.tensor([len(p) for p in prompts]), torch.tensor([len(c) for c in completions]),
                                tokens_B_L.shape[1] - 1).float()
+    active_B_T = mask_B_T > 0
     with torch.no_grad():
         teacher_B_T_V = teacher(input_ids=tokens_B_L, attention_mask=attention_B_L).logits[:, :-1] * mask_B_T[..., None]
     topk_lp_B_T_K, topk_ids_B_T_K = torch.log_softmax(teacher_B_T_V, -1).topk(4, -1)
     topk_lp_B_T_K = topk_lp_B_T_K.masked_fill(mask_B_T[..., None] == 0, float("-inf"))
     n = mask_B_T.sum()
-    losses = {"jsd": lambda z: generalized_jsd_loss(z, teacher_B_T_V, mask_B_T, n, beta=0.3, temperature=0.9)[0],
-              "topk": lambda z: topk_forward_kl_loss(z, topk_ids_B_T_K, topk_lp_B_T_K, mask_B_T, n, tail_bucket=True,
-                                                     sampled_ids_B_T=tokens_B_L[:, 1:])[0]}
+    losses = {"jsd": lambda z, active: generalized_jsd_loss(z, teacher_B_T_V[active], mask_B_T[active], n, beta=0.3,
+                                                            temperature=0.9)[0],
+              "topk": lambda z, active: topk_forward_kl_loss(z, topk_ids_B_T_K[active], topk_lp_B_T_K[active],
+                                                             mask_B_T[active], n, tail_bucket=True,
+                                                             sampled_ids_B_T=tokens_B_L[:, 1:][active])[0]}
+    everywhere = (slice(None), slice(None))
     for name, loss_fn in losses.items():
         student.zero_grad()
-        masked_B_T_V = masked_logits(student, tokens_B_L, attention_B_L, mask_B_T)
-        assert (masked_B_T_V[mask_B_T == 0] == 0).all()
-        masked_loss = loss_fn(masked_B_T_V)
+        rows_N_V = active_logits(student, tokens_B_L, attention_B_L, active_B_T)
+        assert rows_N_V.shape == (int(active_B_T.sum()), student.config.vocab_size)
+        masked_loss = loss_fn(rows_N_V, active_B_T)
         masked_loss.backward()
         masked_grads = [p.grad.clone() for p in student.parameters()]
         student.zero_grad()
         full_B_T_V = student(input_ids=tokens_B_L, attention_mask=attention_B_L).logits[:, :-1]
-        torch.testing.assert_close(masked_B_T_V[mask_B_T > 0], full_B_T_V[mask_B_T > 0], atol=2e-5, rtol=1e-5)
-        full_loss = loss_fn(full_B_T_V)
+        torch.testing.assert_close(rows_N_V, full_B_T_V[active_B_T], atol=2e-5, rtol=1e-5)
+        full_loss = loss_fn(full_B_T_V, everywhere)
         full_loss.backward()
         torch.testing.assert_close(masked_loss, full_loss, atol=1e-5, rtol=1e-5, msg=name)
         for got, p in zip(masked_grads, student.parameters(), strict=True):

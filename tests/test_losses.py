@@ -304,6 +304,37 @@ def test_jsd_padded_vocabularies_compare_the_shared_range():
     assert torch.equal(grad[..., 8:], torch.zeros(2, 3, 2))
 
 
+@pytest.mark.parametrize(("beta", "temperature"), [(0.0, 1.0), (0.4, 0.7), (1.0, 1.0)])
+def test_jsd_on_active_rows_equals_the_masked_batch(beta, temperature):
+    # Training hands the loss only the active rows, `[N, V]` with an all-ones mask (its chunks are then
+    # views and every gradient entry is written). The value and each row's gradient must equal those of
+    # the `[B, T, V]` batch with its mask, including a padded student vocabulary (padding: zero gradient)
+    # and 2-D rows with inactive ones between them (NaN there, the gathered-index path).
+    gen = _gen(12)
+    B, T, V = 3, 5, 11
+    student = torch.randn(B, T, V + 2, generator=gen) * 2
+    teacher = torch.randn(B, T, V, generator=gen) * 2
+    m = (torch.rand(B, T, generator=gen) > 0.4).float()
+    active, n = m > 0, m.sum()
+    batch = student.clone().requires_grad_(True)
+    ref, ref_metrics = generalized_jsd_loss(batch, teacher, m, n, beta, temperature, chunk_size=3)
+    (grad_ref,) = torch.autograd.grad(ref, batch)
+    for width in (V, V + 2):
+        rows = student[active][:, :width].clone().requires_grad_(True)
+        ours, metrics = generalized_jsd_loss(rows, teacher[active], m[active], n, beta, temperature, chunk_size=3)
+        (grad,) = torch.autograd.grad(ours, rows)
+        torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(metrics["opd/jsd"], ref_metrics["opd/jsd"])
+        torch.testing.assert_close(grad, grad_ref[active][:, :width], rtol=1e-6, atol=1e-8)
+    flat = student[..., :V].reshape(B * T, V).clone()
+    flat[~active.flatten()] = NAN
+    flat.requires_grad_(True)
+    ours, _ = generalized_jsd_loss(flat, teacher.reshape(B * T, V), m.flatten(), n, beta, temperature, chunk_size=3)
+    (grad,) = torch.autograd.grad(ours, flat)
+    torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(grad.reshape(B, T, V), grad_ref[..., :V], rtol=1e-6, atol=1e-8)
+
+
 def test_jsd_nonnegative_for_bf16_inputs():
     gen = _gen(7)
     student = (torch.randn(4, 6, 50, generator=gen) * 3).bfloat16().requires_grad_(True)
