@@ -246,7 +246,7 @@ def micro_loss(student: torch.nn.Module, micro: Batch, config: TrainConfig, num_
                                         micro.teacher_topk_logprobs_B_T_K[active_B_T], mask_N, num_tokens,
                                         temperature=config.divergence_temperature, tail_bucket=config.tail_bucket,
                                         sampled_ids_B_T=micro.tokens_B_L[:, 1:][active_B_T])
-        return generalized_jsd_loss(logits_N_V, micro.teacher_logits_B_T_V[active_B_T], mask_N, num_tokens,
+        return generalized_jsd_loss(logits_N_V, teacher_active_logits(micro, active_B_T), mask_N, num_tokens,
                                     beta=config.jsd_beta, temperature=config.divergence_temperature)
     student_logprobs_B_T = sampled_token_logprobs(student, micro, config, vocab_size)
     advantages_B_T = micro.advantages_B_T  # task (GRPO) advantages; None for pure OPD
@@ -290,6 +290,14 @@ def active_student_logits(student: torch.nn.Module, micro: Batch, active_B_T: to
         return active_logits(student, micro.tokens_B_L, micro.attention_mask_B_L, active_B_T, vocab_size)
     logits_B_L_V = student(input_ids=micro.tokens_B_L, attention_mask=micro.attention_mask_B_L).logits
     return vocab_logits(logits_B_L_V[:, :-1], vocab_size)[active_B_T]
+
+
+def teacher_active_logits(micro: Batch, active_B_T: torch.Tensor) -> torch.Tensor:
+    """The teacher's logits_N_V at the `active_B_T` targets, from either form of `Batch` (DESIGN.md §3)."""
+    if micro.teacher_hidden_B_T_H is None:
+        return micro.teacher_logits_B_T_V[active_B_T]
+    head_V_H = micro.teacher_head_V_H
+    return (micro.teacher_hidden_B_T_H[active_B_T].to(head_V_H.device) @ head_V_H.T).to(active_B_T.device)
 
 
 def batch_metrics(batch: Batch, rollouts: list[Rollout]) -> dict[str, float]:

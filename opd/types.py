@@ -58,6 +58,10 @@ class Batch:
     teacher_topk_ids_B_T_K: torch.Tensor | None = None  # long, 0 where masked
     teacher_topk_logprobs_B_T_K: torch.Tensor | None = None  # float32, -inf where masked
     teacher_logits_B_T_V: torch.Tensor | None = None  # only for full-vocabulary losses
+    # The same, factored (in-process teachers): logits = teacher_hidden_B_T_H @ teacher_head_V_H.T, formed
+    # per micro-batch. The head is the frozen teacher's weight, shared by all rows: never sliced or moved.
+    teacher_hidden_B_T_H: torch.Tensor | None = None  # 0 where masked
+    teacher_head_V_H: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         B, L = self.tokens_B_L.shape
@@ -67,20 +71,30 @@ class Batch:
             value = getattr(self, name)
             if value is not None and tuple(value.shape) != shape:
                 raise ValueError(f"Batch.{name} has shape {tuple(value.shape)}, expected {shape}")
-        for name in ("teacher_topk_ids_B_T_K", "teacher_topk_logprobs_B_T_K", "teacher_logits_B_T_V"):
+        for name in ("teacher_topk_ids_B_T_K", "teacher_topk_logprobs_B_T_K", "teacher_logits_B_T_V",
+                     "teacher_hidden_B_T_H"):
             value = getattr(self, name)
             if value is not None and tuple(value.shape[:2]) != (B, L - 1):
                 raise ValueError(f"Batch.{name} has shape {tuple(value.shape)}, expected ({B}, {L - 1}, ...)")
+        hidden, head = self.teacher_hidden_B_T_H, self.teacher_head_V_H
+        if (hidden is None) != (head is None) or (head is not None and hidden.shape[-1] != head.shape[-1]):
+            raise ValueError("Batch.teacher_hidden_B_T_H and teacher_head_V_H come together with one hidden size, got "
+                             f"{None if hidden is None else tuple(hidden.shape)} and "
+                             f"{None if head is None else tuple(head.shape)}")
 
     @property
     def num_tokens(self) -> int:
         return int(self.loss_mask_B_T.sum().item())
 
     def to(self, device: torch.device | str) -> Batch:
-        return Batch(**{name: (value.to(device) if isinstance(value, torch.Tensor) else value)
+        """Every per-row tensor on `device`; the teacher head stays with the teacher."""
+        return Batch(**{name: (value.to(device) if isinstance(value, torch.Tensor) and name not in SHARED else value)
                         for name, value in vars(self).items()})
 
     def select(self, rows: slice) -> Batch:
-        """The micro-batch of rows `rows`; every tensor field sliced along B."""
-        fields = {name: (value[rows] if isinstance(value, torch.Tensor) else value) for name, value in vars(self).items()}
-        return Batch(**fields)
+        """The micro-batch of rows `rows`; every per-row tensor field sliced along B."""
+        return Batch(**{name: (value[rows] if isinstance(value, torch.Tensor) and name not in SHARED else value)
+                        for name, value in vars(self).items()})
+
+
+SHARED = frozenset({"teacher_head_V_H"})  # Batch fields that belong to no row

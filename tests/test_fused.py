@@ -2,13 +2,18 @@
 
 import copy
 
+import pytest
 import torch
 
-from opd.batch import right_pad
+from opd.batch import collate, right_pad
+from opd.config import load_config
 from opd.fused import active_logits, linear_token_logprobs, masked_token_logprobs, supports_fused
 from opd.losses import generalized_jsd_loss, topk_forward_kl_loss
 from opd.logprobs import completion_mask, token_logprobs
+from opd.teacher import TeacherScores
 from opd.teacher.hf import score_tokens
+from opd.train import micro_loss
+from opd.types import Rollout
 
 
 def test_linear_token_logprobs_equals_log_softmax_of_the_full_logits_in_value_and_gradient():
@@ -76,17 +81,24 @@ def test_completions_of_a_shared_prompt_score_as_one_forward_each(teacher, token
     completions = [enc("16\nFinal: 16"), enc("=9"), [], enc("2\nFinal: 2"), enc("2"), enc("80")]
     V = len(tokenizer) - 8  # also a padded-vocabulary cut: only ids below V score
     completions = [[t % V for t in comp] for comp in completions]
-    for kwargs in (dict(), dict(topk=5, full_logits=True)):
-        shared = score_tokens(teacher, prompts, completions, temperature=0.7, vocab_size=V, **kwargs)
+    # Full distributions without top-k stay factored (hidden states and the head); with top-k they are logits.
+    materialized = score_tokens(teacher, prompts, completions, temperature=0.7, vocab_size=V, topk=5, full_logits=True)
+    factored = score_tokens(teacher, prompts, completions, temperature=0.7, vocab_size=V, full_logits=True)
+    assert all(f.logits_R_V is None and f.hidden_R_H.shape == (len(c), teacher.config.hidden_size)
+               for f, c in zip(factored, completions, strict=True))
+    for kwargs, shared in ((dict(), score_tokens(teacher, prompts, completions, temperature=0.7, vocab_size=V)),
+                           (dict(full_logits=True), factored), (dict(topk=5, full_logits=True), materialized)):
         for row, (p, comp) in enumerate(zip(prompts, completions, strict=True)):
             alone = score_tokens(teacher, [p], [comp], temperature=0.7, vocab_size=V, **kwargs)[0]
             assert shared[row].logprobs_R.shape == (len(comp),)
             torch.testing.assert_close(shared[row].logprobs_R, alone.logprobs_R, atol=2e-5, rtol=1e-5)
-            if kwargs:
+            if "topk" in kwargs:
                 torch.testing.assert_close(shared[row].topk_logprobs_R_K, alone.topk_logprobs_R_K, atol=2e-5, rtol=1e-5)
                 assert torch.equal(shared[row].topk_ids_R_K, alone.topk_ids_R_K)
-                torch.testing.assert_close(shared[row].logits_R_V, alone.logits_R_V, atol=2e-5, rtol=1e-5)
-                assert shared[row].logits_R_V.shape == (len(comp), V)
+            if kwargs:
+                torch.testing.assert_close(shared[row].full_logits(), alone.full_logits(), atol=2e-5, rtol=1e-5)
+                torch.testing.assert_close(shared[row].full_logits(), materialized[row].logits_R_V, atol=2e-5, rtol=1e-5)
+                assert shared[row].full_logits().shape == (len(comp), V)
 
 
 def test_a_shared_prompt_trains_through_one_prompt_forward_with_the_same_values_and_gradients(student, tokenizer):
@@ -174,3 +186,37 @@ def test_full_distribution_losses_on_active_rows_match_the_full_forward(student,
         torch.testing.assert_close(masked_loss, full_loss, atol=1e-5, rtol=1e-5, msg=name)
         for got, p in zip(masked_grads, student.parameters(), strict=True):
             torch.testing.assert_close(got, p.grad, atol=5e-5, rtol=1e-4, msg=name)
+
+
+def test_jsd_trains_the_same_on_factored_or_materialized_teacher_logits(student, teacher, tokenizer):
+    # An in-process teacher sends hidden states and a reference to its head; the batch then holds
+    # [B, T, H] instead of [B, T, V] and each micro-batch forms the teacher logits of its own rows.
+    # Loss and student gradients must be those of the same batch with the logits materialized.
+    enc = lambda text: tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
+    a, b = enc("What is 12+7-3?"), enc("3-1=")
+    prompts, completions = [a, a, b], [enc("16\nFinal: 16"), enc("=9"), enc("2")]
+    rollouts = [Rollout(prompt_ids=p, completion_ids=c, sampler_logprobs=[-1.0] * len(c), finish_reason="stop",
+                        prompt_index=i) for i, (p, c) in enumerate(zip(prompts, completions, strict=True))]
+    factored = score_tokens(teacher, prompts, completions, temperature=1.0, full_logits=True)
+    materialized = [TeacherScores(logprobs_R=s.logprobs_R, logits_R_V=s.full_logits()) for s in factored]
+    batches = [collate(rollouts, scores, tokenizer.pad_token_id) for scores in (factored, materialized)]
+    head_V_H = batches[0].teacher_head_V_H  # the teacher's own weight, not a copy
+    assert batches[0].teacher_logits_B_T_V is None and head_V_H.data_ptr() == teacher.lm_head.weight.data_ptr()
+    assert batches[1].teacher_hidden_B_T_H is None
+    config = load_config(None, ["loss=jsd", "jsd_beta=0.3", "loss_temperature=0.8"])
+    results = []
+    for batch in batches:
+        student.zero_grad()
+        total = 0.0
+        for rows in (slice(0, 2), slice(2, 3)):  # the head passes through select() unsliced
+            loss, _ = micro_loss(student, batch.select(rows).to("cpu"), config, batch.num_tokens)
+            loss.backward()
+            total += loss.item()
+        results.append((total, [p.grad.clone() for p in student.parameters()]))
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-5)
+    for got, want in zip(results[0][1], results[1][1], strict=True):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    other_head = TeacherScores(logprobs_R=factored[1].logprobs_R, hidden_R_H=factored[1].hidden_R_H,
+                               head_V_H=teacher.lm_head.weight.detach().clone())
+    with pytest.raises(ValueError, match="another head"):
+        collate(rollouts, [factored[0], other_head, factored[2]], tokenizer.pad_token_id)

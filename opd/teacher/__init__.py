@@ -21,6 +21,16 @@ class TeacherScores:
     topk_ids_R_K: torch.Tensor | None = None  # long, the teacher's own top-k tokens
     topk_logprobs_R_K: torch.Tensor | None = None  # float32, their teacher logprobs
     logits_R_V: torch.Tensor | None = None  # raw logits, for full-vocabulary losses
+    # The same logits in factored form (in-process teachers): `hidden_R_H @ head_V_H.T`. The head is a
+    # reference to the frozen teacher's weight, shared by every rollout, so no [R, V] tensor is stored.
+    hidden_R_H: torch.Tensor | None = None
+    head_V_H: torch.Tensor | None = None
+
+    def full_logits(self) -> torch.Tensor | None:
+        """logits_R_V, from either form (float32 on the CPU); None when the teacher sent no full distribution."""
+        if self.hidden_R_H is None:
+            return self.logits_R_V
+        return (self.hidden_R_H.to(self.head_V_H.device) @ self.head_V_H.T).float().cpu()
 
 
 class TeacherScorer(Protocol):

@@ -88,9 +88,13 @@ def _fused_scores(model, prompts, completions, tokens_B_L, attention_mask_B_L, t
     active_B_T = mask_B_T.to(tokens_B_L.device) != 0
     hidden_N_H = active_hidden_states(model, tokens_B_L, attention_mask_B_L, active_B_T)  # row by row, in order
     targets_N, weight_V_H = tokens_B_L[:, 1:][active_B_T], head_weight(model, vocab_size)
-    if not topk and not full_logits:  # logits one chunk of rows at a time
-        logprobs_N = linear_token_logprobs(hidden_N_H, weight_V_H, targets_N, temperature).cpu()
-        return [TeacherScores(logprobs_R=lp.clone()) for lp in logprobs_N.split(lengths)]
+    if not topk:  # logits one chunk of rows at a time; a full distribution stays factored as (hidden, head)
+        logprobs_R = linear_token_logprobs(hidden_N_H, weight_V_H, targets_N, temperature).cpu().split(lengths)
+        if not full_logits:
+            return [TeacherScores(logprobs_R=lp.clone()) for lp in logprobs_R]
+        head_V_H = weight_V_H.detach()  # a view of the frozen weight, never a copy
+        return [TeacherScores(logprobs_R=lp.clone(), hidden_R_H=h.cpu().clone(), head_V_H=head_V_H)
+                for lp, h in zip(logprobs_R, hidden_N_H.split(lengths), strict=True)]
     ends = torch.tensor(lengths).cumsum(0).tolist()
     return _scores_from_logits((hidden_N_H @ weight_V_H.T)[None], targets_N[None],
                                [(0, slice(end - n, end)) for n, end in zip(lengths, ends, strict=True)], temperature,
