@@ -26,6 +26,8 @@ from torch.autograd.function import once_differentiable
 from transformers import DynamicCache
 
 from opd.batch import right_pad
+from opd.logprobs import _check_temperature, masked_mean, step_token_count
+from opd.losses import jsd_rows
 
 # Causal LMs whose head is a plain bias-free linear map of the final normed hidden state.
 PLAIN_HEAD_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gpt_neox", "olmo", "olmo2", "phi3", "smollm3")
@@ -95,6 +97,98 @@ def linear_token_logprobs(hidden_N_H: Tensor, weight_V_H: Tensor, ids_N: Tensor,
     if ids_N.numel() and (ids_N.min() < 0 or ids_N.max() >= weight_V_H.shape[0]):
         raise ValueError(f"target ids must be in [0, {weight_V_H.shape[0]}), got range [{ids_N.min()}, {ids_N.max()}]")
     return _LinearLogSoftmaxGather.apply(hidden_N_H, weight_V_H, ids_N, float(temperature), chunk_size)
+
+
+class _LinearJSD(torch.autograd.Function):
+    """(Σ_n w_n JSD_n, JSD_N) with both sides' logits formed `chunk_size` rows at a time.
+
+    The loss is a weighted sum whose weights are known in the forward, so each chunk's gradient is
+    taken there, scaled by its weights and pushed through the student's head at once (as Liger-Kernel's
+    fused linear cross-entropy does): only `[N, H]` and `[V, H]` gradients are kept for the backward.
+    Two chunk sizes: the head's matmuls take `chunk_size` rows (at a 32k vocabulary, fewer rows re-read
+    the `[V, H]` weights too often), the divergence `sub_rows` (its five `[rows, V]` temporaries stay in cache);
+    the gradient overwrites the student logits it came from.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden_N_H, weight_V_H, teacher_N_X, teacher_head_V_X, weights_N, beta, temperature, chunk_size,
+                sub_rows):
+        N, V = hidden_N_H.shape[0], weight_V_H.shape[0]
+        values_N = torch.empty(N, dtype=weights_N.dtype, device=hidden_N_H.device)
+        grad_hidden_N_H = torch.empty_like(hidden_N_H) if ctx.needs_input_grad[0] else None
+        grad_weight_V_H = torch.zeros_like(weight_V_H) if ctx.needs_input_grad[1] else None
+        z_s_buffer = hidden_N_H.new_empty((min(chunk_size, N), V))
+        for start in range(0, N, chunk_size):
+            rows = slice(start, start + chunk_size)
+            h_C_H = hidden_N_H[rows]
+            z_s_C_V = torch.mm(h_C_H, weight_V_H.T, out=z_s_buffer[: h_C_H.shape[0]])
+            if teacher_head_V_X is None:
+                z_t_C_V = teacher_N_X[rows]
+            else:  # the teacher's head may live on its own device
+                z_t_C_V = (teacher_N_X[rows].to(teacher_head_V_X.device) @ teacher_head_V_X.T).to(h_C_H.device)
+            for sub in range(0, h_C_H.shape[0], sub_rows):
+                part = slice(sub, sub + sub_rows)
+                value_R, grad_R_V = jsd_rows(z_s_C_V[part], z_t_C_V[part], beta, temperature)
+                values_N[start + sub : start + sub + value_R.shape[0]] = value_R
+                z_s_C_V[part] = grad_R_V.mul_(weights_N[rows][part, None])
+            if grad_hidden_N_H is not None:
+                grad_hidden_N_H[rows] = z_s_C_V @ weight_V_H
+            if grad_weight_V_H is not None:
+                grad_weight_V_H.addmm_(z_s_C_V.T, h_C_H)
+        ctx.save_for_backward(grad_hidden_N_H, grad_weight_V_H)
+        ctx.mark_non_differentiable(values_N)
+        return torch.linalg.vecdot(values_N, weights_N), values_N
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss: Tensor, _grad_values_N: Tensor):
+        # out of place: a second backward (retain_graph, gradcheck) must find the saved gradients intact
+        grads = [None if g is None else g * grad_loss.to(g.dtype) for g in ctx.saved_tensors]
+        return (*grads, None, None, None, None, None, None, None)
+
+
+def linear_jsd_loss(hidden_N_H: Tensor, weight_V_H: Tensor, teacher_N_X: Tensor, loss_mask_N: Tensor,
+                    num_tokens: float | Tensor, beta: float = 0.5, temperature: float = 1.0,
+                    teacher_head_V_X: Tensor | None = None, chunk_size: int = 256,
+                    sub_rows: int | None = None) -> tuple[Tensor, dict]:
+    """`generalized_jsd_loss(hidden @ weight.T, teacher logits, loss_mask, num_tokens)` without any `[N, V]` logits.
+
+    Student: hidden_N_H and its head weight_V_H (`head_weight`). Teacher: logits `teacher_N_X = [N, V']`, or
+    hidden states `[N, H']` with `teacher_head_V_X = [V', H']` (the factored form of DESIGN.md §3). Rows
+    whose mask is 0 are never computed. Both sides compare over the shared `V = min(V, V')` ids. The
+    value, the `opd/jsd` metric and the gradients of `hidden` and `weight` equal the materialized loss's
+    (tests/test_fused.py). `chunk_size` rows of logits exist at a time, and the divergence runs
+    `sub_rows` at a time (default: 64k entries): bench/bench_losses.py measures both.
+    """
+    _check_temperature(temperature)
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be in [0, 1], got {beta!r}")
+    N = hidden_N_H.shape[0]
+    teacher_V = teacher_N_X.shape[-1] if teacher_head_V_X is None else teacher_head_V_X.shape[0]
+    if (hidden_N_H.dim() != 2 or weight_V_H.dim() != 2 or weight_V_H.shape[1] != hidden_N_H.shape[1]
+            or tuple(teacher_N_X.shape[:-1]) != (N,) or tuple(loss_mask_N.shape) != (N,) or (
+            teacher_head_V_X is not None and teacher_head_V_X.shape[1:] != teacher_N_X.shape[1:])):
+        heads = "" if teacher_head_V_X is None else f", teacher head {tuple(teacher_head_V_X.shape)}"
+        raise ValueError(f"shapes disagree: student hidden {tuple(hidden_N_H.shape)}, head {tuple(weight_V_H.shape)}; "
+                         f"teacher {tuple(teacher_N_X.shape)}{heads}; mask {tuple(loss_mask_N.shape)}")
+    V = min(weight_V_H.shape[0], teacher_V)
+    sub_rows = max(1, 2**16 // V) if sub_rows is None else sub_rows
+    for name, rows in (("chunk_size", chunk_size), ("sub_rows", sub_rows)):
+        if not isinstance(rows, int) or rows < 1:
+            raise ValueError(f"{name} must be a positive int, got {rows!r}")
+    dtype = torch.float64 if hidden_N_H.dtype == torch.float64 else torch.float32
+    n = step_token_count(num_tokens, loss_mask_N, dtype).clamp(min=1.0)
+    active_N = loss_mask_N != 0
+    weights_N = torch.where(active_N, loss_mask_N.to(dtype), 0.0) / n
+    every_row = bool(active_N.all())  # training passes the active rows only: no gather
+    pick = (lambda x: x) if every_row else (lambda x: x[active_N])
+    loss, values_A = _LinearJSD.apply(
+        pick(hidden_N_H), weight_V_H[:V] if V < weight_V_H.shape[0] else weight_V_H,
+        pick(teacher_N_X.detach()) if teacher_head_V_X is not None else pick(teacher_N_X.detach())[:, :V],
+        None if teacher_head_V_X is None else teacher_head_V_X.detach()[:V], pick(weights_N), float(beta),
+        float(temperature), chunk_size, sub_rows)
+    values_N = values_A if every_row else torch.zeros_like(weights_N).masked_scatter(active_N, values_A)
+    return loss, {"opd/jsd": masked_mean(values_N, loss_mask_N).float()}
 
 
 def head_weight(model: torch.nn.Module, vocab_size: int | None) -> Tensor:

@@ -279,11 +279,16 @@ def normalized_sum(values_B_T: Tensor, mask_B_T: Tensor, num_tokens: float | Ten
     N = 0 (nothing active anywhere) returns an exact 0 whose gradient is an exact 0.
     """
     total = masked_sum(values_B_T, mask_B_T)
-    n = torch.as_tensor(num_tokens, dtype=total.dtype, device=total.device).detach()
+    return total / step_token_count(num_tokens, mask_B_T, total.dtype).clamp(min=1.0)
+
+
+def step_token_count(num_tokens: float | Tensor, mask_B_T: Tensor, dtype: torch.dtype) -> Tensor:
+    """`num_tokens` as a detached scalar tensor, checked: >= 0, and >= this call's own active tokens."""
+    n = torch.as_tensor(num_tokens, dtype=dtype, device=mask_B_T.device).detach()
     if n.numel() != 1 or not bool(n >= 0):
         raise ValueError(f"num_tokens must be a scalar >= 0, got {num_tokens!r}")
     local = (mask_B_T != 0).sum()
     if bool(local > n):
         raise ValueError(f"this micro-batch has {int(local)} active tokens but num_tokens (the step-global "
                          f"count) is {float(n)}: pass the count over all micro-batches and ranks")
-    return total / n.clamp(min=1.0)
+    return n

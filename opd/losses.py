@@ -244,8 +244,8 @@ def topk_forward_kl_loss(student_logits_B_T_V: Tensor, teacher_topk_ids_B_T_K: T
     return loss, _detached(metrics)
 
 
-def _jsd_rows(s_C_V: Tensor, t_C_V: Tensor, beta: float, temperature: float) -> tuple[Tensor, Tensor]:
-    """Per-row generalized JSD and its gradient w.r.t. the student logits, in fp32 (fp64 for fp64 input).
+def jsd_rows(s_C_V: Tensor, t_C_V: Tensor, beta: float, temperature: float) -> tuple[Tensor, Tensor]:
+    """Per-row generalized JSD of logits `[C, V]` and its gradient w.r.t. the student's, fp32 (fp64 for fp64 input).
 
     With g = ∂JSD/∂P_S = (1-β) log(P_S/M) (log(P_S/P_T) + 1 at β=1), the softmax Jacobian gives
     ∂JSD/∂z_s = P_S (g - Σ P_S g) / τ; at β=0 it is (P_S - P_T) / τ. Log-probs are floored at
@@ -303,7 +303,7 @@ class _ChunkedJSD(torch.autograd.Function):
         for start in range(0, n, chunk_size):
             sel = (slice(start, start + chunk_size),) if every_row else tuple(i[start:start + chunk_size]
                                                                             for i in active_idx)
-            value_C, grad_C_V = _jsd_rows(student_lead_V[(*sel, slice(0, V))], teacher_lead_V[(*sel, slice(0, V))],
+            value_C, grad_C_V = jsd_rows(student_lead_V[(*sel, slice(0, V))], teacher_lead_V[(*sel, slice(0, V))],
                                           beta, temperature)
             per_token_lead[sel] = value_C
             grad_s[(*sel, slice(0, V))] = grad_C_V.to(grad_s.dtype)

@@ -21,7 +21,8 @@ from opd import checkpoint, distributed
 from opd.batch import collate
 from opd.config import TrainConfig
 from opd.evaluate import Evaluator
-from opd.fused import active_logits, masked_token_logprobs, supports_fused
+from opd.fused import (active_hidden_states, active_logits, head_weight, linear_jsd_loss, masked_token_logprobs,
+                       supports_fused)
 from opd.logprobs import masked_mean, token_logprobs
 from opd.losses import (generalized_jsd_loss, grpo_advantages, importance_sampling_loss,
                         opsm_mask, reverse_kl_advantages, topk_forward_kl_loss)
@@ -237,17 +238,15 @@ def micro_loss(student: torch.nn.Module, micro: Batch, config: TrainConfig, num_
 
     Logits past `vocab_size` (a padded embedding) are dropped, so they get no gradient (DESIGN.md §5).
     """
-    if config.loss in ("topk_kl", "jsd"):  # the losses read the loss-mask rows only: pass them as an [N, ...] lead
+    if config.loss == "jsd":
+        return active_jsd_loss(student, micro, config, num_tokens, vocab_size)
+    if config.loss == "topk_kl":  # the loss reads the loss-mask rows only: pass them as an [N, ...] lead
         active_B_T = micro.loss_mask_B_T != 0
-        logits_N_V = active_student_logits(student, micro, active_B_T, vocab_size)
-        mask_N = micro.loss_mask_B_T[active_B_T]
-        if config.loss == "topk_kl":
-            return topk_forward_kl_loss(logits_N_V, micro.teacher_topk_ids_B_T_K[active_B_T],
-                                        micro.teacher_topk_logprobs_B_T_K[active_B_T], mask_N, num_tokens,
-                                        temperature=config.divergence_temperature, tail_bucket=config.tail_bucket,
-                                        sampled_ids_B_T=micro.tokens_B_L[:, 1:][active_B_T])
-        return generalized_jsd_loss(logits_N_V, teacher_active_logits(micro, active_B_T), mask_N, num_tokens,
-                                    beta=config.jsd_beta, temperature=config.divergence_temperature)
+        return topk_forward_kl_loss(active_student_logits(student, micro, active_B_T, vocab_size),
+                                    micro.teacher_topk_ids_B_T_K[active_B_T],
+                                    micro.teacher_topk_logprobs_B_T_K[active_B_T], micro.loss_mask_B_T[active_B_T],
+                                    num_tokens, temperature=config.divergence_temperature,
+                                    tail_bucket=config.tail_bucket, sampled_ids_B_T=micro.tokens_B_L[:, 1:][active_B_T])
     student_logprobs_B_T = sampled_token_logprobs(student, micro, config, vocab_size)
     advantages_B_T = micro.advantages_B_T  # task (GRPO) advantages; None for pure OPD
     if micro.teacher_logprobs_B_T is not None:  # None only for pure GRPO (teacher_backend=none)
@@ -292,12 +291,28 @@ def active_student_logits(student: torch.nn.Module, micro: Batch, active_B_T: to
     return vocab_logits(logits_B_L_V[:, :-1], vocab_size)[active_B_T]
 
 
-def teacher_active_logits(micro: Batch, active_B_T: torch.Tensor) -> torch.Tensor:
-    """The teacher's logits_N_V at the `active_B_T` targets, from either form of `Batch` (DESIGN.md §3)."""
+def active_jsd_loss(student: torch.nn.Module, micro: Batch, config: TrainConfig, num_tokens: int,
+                    vocab_size: int | None = None) -> tuple[torch.Tensor, dict]:
+    """The full-vocabulary JSD on the loss-mask rows, from either form of the teacher's logits (DESIGN.md §3).
+
+    On a plain-head student no `[N, V]` logits exist whole, the student's or the teacher's: both are
+    formed a chunk of rows at a time next to the loss (`fused.linear_jsd_loss`).
+    """
+    active_B_T = micro.loss_mask_B_T != 0
+    mask_N = micro.loss_mask_B_T[active_B_T]
     if micro.teacher_hidden_B_T_H is None:
-        return micro.teacher_logits_B_T_V[active_B_T]
-    head_V_H = micro.teacher_head_V_H
-    return (micro.teacher_hidden_B_T_H[active_B_T].to(head_V_H.device) @ head_V_H.T).to(active_B_T.device)
+        teacher_N_X, teacher_head_V_X = micro.teacher_logits_B_T_V[active_B_T], None
+    else:
+        teacher_N_X, teacher_head_V_X = micro.teacher_hidden_B_T_H[active_B_T], micro.teacher_head_V_H
+    beta, temperature = config.jsd_beta, config.divergence_temperature
+    if supports_fused(student):
+        hidden_N_H = active_hidden_states(student, micro.tokens_B_L, micro.attention_mask_B_L, active_B_T)
+        return linear_jsd_loss(hidden_N_H, head_weight(student, vocab_size), teacher_N_X, mask_N, num_tokens,
+                               beta=beta, temperature=temperature, teacher_head_V_X=teacher_head_V_X)
+    if teacher_head_V_X is not None:
+        teacher_N_X = (teacher_N_X.to(teacher_head_V_X.device) @ teacher_head_V_X.T).to(active_B_T.device)
+    return generalized_jsd_loss(active_student_logits(student, micro, active_B_T, vocab_size), teacher_N_X, mask_N,
+                                num_tokens, beta=beta, temperature=temperature)
 
 
 def batch_metrics(batch: Batch, rollouts: list[Rollout]) -> dict[str, float]:

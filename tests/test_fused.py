@@ -7,7 +7,8 @@ import torch
 
 from opd.batch import collate, right_pad
 from opd.config import load_config
-from opd.fused import active_logits, linear_token_logprobs, masked_token_logprobs, supports_fused
+from opd.fused import (active_logits, linear_jsd_loss, linear_token_logprobs, masked_token_logprobs,
+                       supports_fused)
 from opd.losses import generalized_jsd_loss, topk_forward_kl_loss
 from opd.logprobs import completion_mask, token_logprobs
 from opd.teacher import TeacherScores
@@ -32,6 +33,74 @@ def test_linear_token_logprobs_equals_log_softmax_of_the_full_logits_in_value_an
     torch.testing.assert_close(fused, naive.detach(), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(grads[0], hidden.grad, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(grads[1], weight.grad, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("beta, temperature", [(0.0, 1.0), (0.3, 0.7), (1.0, 1.0), (1.0, 1.3)])
+@pytest.mark.parametrize("factored", [False, True])
+def test_linear_jsd_equals_the_jsd_of_materialized_logits(beta, temperature, factored):
+    # 23 rows, 4 masked (the teacher's rows there hold NaN); the student's head has 3 padded rows
+    # (43 vs the teacher's 40: both compare over 40 ids, the 3 extra rows get no gradient). Chunks of 8
+    # rows for the matmuls (8, 8 and a ragged 7 of the 19 active rows) and 3 for the divergence.
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(23, 12, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(43, 12, generator=g, dtype=torch.float64, requires_grad=True)
+    teacher_hidden = torch.randn(23, 9, generator=g, dtype=torch.float64)
+    teacher_head = torch.randn(40, 9, generator=g, dtype=torch.float64)
+    mask = torch.ones(23, dtype=torch.float64)
+    mask[[0, 5, 6, 22]] = 0.0
+    teacher_logits = teacher_hidden @ teacher_head.T
+    teacher_hidden[mask == 0], teacher_logits[mask == 0] = float("nan"), float("nan")
+    teacher = (teacher_hidden, teacher_head) if factored else (teacher_logits, None)
+    loss, metrics = linear_jsd_loss(hidden, weight, teacher[0], mask, 30, beta=beta, temperature=temperature,
+                                    teacher_head_V_X=teacher[1], chunk_size=8, sub_rows=3)
+    loss.backward()
+    grads = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    naive, naive_metrics = generalized_jsd_loss(hidden @ weight.T, teacher_logits, mask, 30, beta=beta,
+                                                temperature=temperature)
+    naive.backward()
+    torch.testing.assert_close(loss, naive.detach(), atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(metrics["opd/jsd"], naive_metrics["opd/jsd"].float())
+    torch.testing.assert_close(grads[0], hidden.grad, atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(grads[1], weight.grad, atol=1e-12, rtol=1e-10)
+    assert grads[1][40:].abs().max() == 0 and grads[0][mask == 0].abs().max() == 0
+    assert loss.item() > 0
+
+
+def test_linear_jsd_gradients_pass_gradcheck_and_survive_a_second_backward():
+    # The gradient is taken in the forward and only scaled in the backward: finite differences of
+    # the loss must agree with it, and a retained graph must give it again (the saved gradients intact).
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(7, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(11, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    teacher = torch.randn(7, 11, generator=g, dtype=torch.float64)
+    mask = torch.tensor([1, 1, 0, 1, 1, 1, 1], dtype=torch.float64)
+    fn = lambda h, w: linear_jsd_loss(h, w, teacher, mask, 6, beta=0.4, temperature=0.8, chunk_size=3,  # noqa: E731
+                                      sub_rows=2)[0]
+    assert torch.autograd.gradcheck(fn, (hidden, weight))
+    loss = 3.0 * fn(hidden, weight)
+    first = torch.autograd.grad(loss, (hidden, weight), retain_graph=True)
+    second = torch.autograd.grad(loss, (hidden, weight))
+    once = torch.autograd.grad(fn(hidden, weight), (hidden, weight))
+    for a, b, c in zip(first, second, once, strict=True):
+        assert torch.equal(a, b)
+        torch.testing.assert_close(a, 3.0 * c)  # the backward scales by the incoming gradient
+    with torch.no_grad():  # no gradient wanted: the value alone
+        torch.testing.assert_close(fn(hidden, weight), loss.detach() / 3.0)
+
+
+def test_linear_jsd_rejects_inputs_that_do_not_line_up():
+    hidden, weight, teacher, mask = torch.zeros(4, 3), torch.zeros(10, 3), torch.zeros(4, 10), torch.ones(4)
+    with pytest.raises(ValueError, match="shapes disagree"):
+        linear_jsd_loss(hidden, torch.zeros(10, 2), teacher, mask, 4)
+    with pytest.raises(ValueError, match="shapes disagree"):
+        linear_jsd_loss(hidden, weight, torch.zeros(5, 10), mask, 4)
+    with pytest.raises(ValueError, match="teacher head"):
+        linear_jsd_loss(hidden, weight, torch.zeros(4, 6), mask, 4, teacher_head_V_X=torch.zeros(10, 5))
+    with pytest.raises(ValueError, match="step-global"):
+        linear_jsd_loss(hidden, weight, teacher, mask, 3)
+    with pytest.raises(ValueError, match="beta"):
+        linear_jsd_loss(hidden, weight, teacher, mask, 4, beta=1.5)
 
 
 def test_masked_token_logprobs_match_the_trainers_full_forward_on_the_tiny_student(student):
@@ -191,7 +260,8 @@ def test_full_distribution_losses_on_active_rows_match_the_full_forward(student,
 def test_jsd_trains_the_same_on_factored_or_materialized_teacher_logits(student, teacher, tokenizer):
     # An in-process teacher sends hidden states and a reference to its head; the batch then holds
     # [B, T, H] instead of [B, T, V] and each micro-batch forms the teacher logits of its own rows.
-    # Loss and student gradients must be those of the same batch with the logits materialized.
+    # Loss and student gradients must be those of the same batch with the logits materialized. Training
+    # forms either side's logits a chunk of rows at a time (fused.linear_jsd_loss).
     enc = lambda text: tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
     a, b = enc("What is 12+7-3?"), enc("3-1=")
     prompts, completions = [a, a, b], [enc("16\nFinal: 16"), enc("=9"), enc("2")]
@@ -213,9 +283,27 @@ def test_jsd_trains_the_same_on_factored_or_materialized_teacher_logits(student,
             loss.backward()
             total += loss.item()
         results.append((total, [p.grad.clone() for p in student.parameters()]))
-    assert results[0][0] == pytest.approx(results[1][0], rel=1e-5)
-    for got, want in zip(results[0][1], results[1][1], strict=True):
-        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    # A student whose head cannot be fused (here only flagged so: Llama ignores `logit_scale`) takes the
+    # materialized path, forming the factored teacher's logits whole.
+    unfused = copy.deepcopy(student)
+    unfused.config.logit_scale = 2.0
+    assert not supports_fused(unfused)
+    unfused.zero_grad()
+    loss, _ = micro_loss(unfused, batches[0], config, batches[0].num_tokens)
+    loss.backward()
+    results.append((loss.item(), [p.grad.clone() for p in unfused.parameters()]))
+    # and all equal the plain loss on the student's full forward, [B, T, V] logits and all
+    student.zero_grad()
+    batch = batches[1]
+    logits_B_T_V = student(input_ids=batch.tokens_B_L, attention_mask=batch.attention_mask_B_L).logits[:, :-1]
+    plain, _ = generalized_jsd_loss(logits_B_T_V, batch.teacher_logits_B_T_V, batch.loss_mask_B_T, batch.num_tokens,
+                                    beta=0.3, temperature=0.8)
+    plain.backward()
+    results.append((plain.item(), [p.grad.clone() for p in student.parameters()]))
+    for total, grads in results[1:]:
+        assert results[0][0] == pytest.approx(total, rel=1e-5)
+        for got, want in zip(results[0][1], grads, strict=True):
+            torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
     other_head = TeacherScores(logprobs_R=factored[1].logprobs_R, hidden_R_H=factored[1].hidden_R_H,
                                head_V_H=teacher.lm_head.weight.detach().clone())
     with pytest.raises(ValueError, match="another head"):
