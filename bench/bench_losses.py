@@ -1,5 +1,10 @@
 """Chunked vs naive full-vocabulary losses: time and peak extra memory of forward + backward, CPU fp32.
 
+Three losses: the top-k forward KL and the JSD on `[B*T, V]` logits (`opd.losses`), and the JSD from
+hidden states and heads (`jsd_linear`: `opd.fused.linear_jsd_loss`, the training path, whose naive
+counterpart first forms both sides' logits with the heads, H = 384 student / 512 teacher as at
+bench_vs_trl's scale b).
+
     python bench/bench_losses.py [--quick] [--repeats R]
 
 Each measurement runs in a fresh subprocess: it allocates the inputs, runs a tiny warm-up (kernel and
@@ -55,9 +60,18 @@ def naive_topk_kl(student_B_T_V, ids_B_T_K, nu_B_T_K, mask_B_T, num_tokens, temp
     return torch.where(mask_B_T != 0, per_token, 0.0).sum() / num_tokens
 
 
+LINEAR_H, LINEAR_TEACHER_H = 384, 512
+
+
 def _make_inputs(loss: str, bt: int, V: int, seed: int = 0):
     import torch
     g = torch.Generator().manual_seed(seed)
+    if loss == "jsd_linear":  # logits of std ~2, as below
+        hidden = torch.randn(bt, LINEAR_H, generator=g).requires_grad_(True)
+        head = (torch.randn(V, LINEAR_H, generator=g) * 2 / LINEAR_H**0.5).requires_grad_(True)
+        teacher_hidden = torch.randn(bt, LINEAR_TEACHER_H, generator=g)
+        return hidden, head, teacher_hidden, torch.randn(V, LINEAR_TEACHER_H, generator=g) * 2 / LINEAR_TEACHER_H**0.5, \
+            torch.ones(bt)
     T = bt // B
     student = (torch.randn(B, T, V, generator=g) * 2).requires_grad_(True)
     mask = torch.ones(B, T)
@@ -70,6 +84,14 @@ def _make_inputs(loss: str, bt: int, V: int, seed: int = 0):
 
 def _run(loss: str, impl: str, inputs, chunk_size: int):
     from opd.losses import generalized_jsd_loss, topk_forward_kl_loss
+    if loss == "jsd_linear":
+        from opd.fused import linear_jsd_loss
+        hidden, head, teacher_hidden, teacher_head, mask = inputs
+        n = mask.sum()
+        if impl == "chunked":
+            return linear_jsd_loss(hidden, head, teacher_hidden, mask, n, BETA, TEMPERATURE,
+                                   teacher_head_V_X=teacher_head, chunk_size=chunk_size)[0]
+        return naive_jsd(hidden @ head.T, teacher_hidden @ teacher_head.T, mask, n, BETA, TEMPERATURE)
     if loss == "jsd":
         student, teacher, mask = inputs
         n = mask.sum()
@@ -96,7 +118,7 @@ def worker(loss: str, impl: str, bt: int, V: int, chunk_size: int) -> None:
     _run(loss, impl, inputs, chunk_size).backward()
     seconds = time.perf_counter() - start
     _, peak = _rss_kib()
-    grad_mib = inputs[0].grad.numel() * inputs[0].grad.element_size() / 2**20
+    grad_mib = sum(x.grad.numel() * x.grad.element_size() for x in inputs if x.grad is not None) / 2**20
     print(json.dumps({"seconds": seconds, "peak_extra_mib": (peak - rss_before) / 1024, "grad_mib": grad_mib}))
 
 
@@ -113,6 +135,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--jsd-chunk", type=int, default=None, help="default: the library default")
     parser.add_argument("--topk-chunk", type=int, default=None, help="default: the library default")
+    parser.add_argument("--linear-chunk", type=int, default=None, help="default: the library default")
     parser.add_argument("--worker", nargs=5, metavar=("LOSS", "IMPL", "BT", "V", "CHUNK"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -122,11 +145,14 @@ def main() -> None:
 
     import inspect
     sys.path.insert(0, str(ROOT))
+    from opd.fused import linear_jsd_loss
     from opd.losses import generalized_jsd_loss, topk_forward_kl_loss
-    chunks = {"jsd": args.jsd_chunk or inspect.signature(generalized_jsd_loss).parameters["chunk_size"].default,
-              "topk": args.topk_chunk or inspect.signature(topk_forward_kl_loss).parameters["chunk_size"].default}
+    default = lambda fn: inspect.signature(fn).parameters["chunk_size"].default  # noqa: E731
+    chunks = {"jsd": args.jsd_chunk or default(generalized_jsd_loss),
+              "topk": args.topk_chunk or default(topk_forward_kl_loss),
+              "jsd_linear": args.linear_chunk or default(linear_jsd_loss)}
     rows = []
-    for loss in ("topk", "jsd"):
+    for loss in ("topk", "jsd", "jsd_linear"):
         for bt, V in SIZES_QUICK if args.quick else SIZES_FULL:
             runs = {"chunked": [], "naive": []}
             for _ in range(args.repeats):
@@ -140,7 +166,7 @@ def main() -> None:
                          "time_ratio": med["chunked"]["seconds"] / med["naive"]["seconds"],
                          "mem_ratio": med["chunked"]["peak_extra_mib"] / med["naive"]["peak_extra_mib"]})
             r = rows[-1]
-            print(f"{loss:5s} BT={bt:5d} V={V:6d} chunk={chunks[loss]:4d} | chunked {med['chunked']['seconds']:7.3f} s "
+            print(f"{loss:10s} BT={bt:5d} V={V:6d} chunk={chunks[loss]:4d} | chunked {med['chunked']['seconds']:7.3f} s "
                   f"{med['chunked']['peak_extra_mib']:8.1f} MiB | naive {med['naive']['seconds']:7.3f} s "
                   f"{med['naive']['peak_extra_mib']:8.1f} MiB | time x{r['time_ratio']:.2f} mem x{r['mem_ratio']:.2f}",
                   flush=True)

@@ -157,8 +157,9 @@ def linear_jsd_loss(hidden_N_H: Tensor, weight_V_H: Tensor, teacher_N_X: Tensor,
     hidden states `[N, H']` with `teacher_head_V_X = [V', H']` (the factored form of DESIGN.md §3). Rows
     whose mask is 0 are never computed. Both sides compare over the shared `V = min(V, V')` ids. The
     value, the `opd/jsd` metric and the gradients of `hidden` and `weight` equal the materialized loss's
-    (tests/test_fused.py). `chunk_size` rows of logits exist at a time, and the divergence runs
-    `sub_rows` at a time (default: 64k entries): bench/bench_losses.py measures both.
+    (tests/test_fused.py). `chunk_size` rows of logits exist at a time, the divergence runs on `sub_rows`
+    rows at a time (default: 64k entries, which stay in cache); of the sizes tried, these were the fastest
+    at 5,120 × 2,048 and 256 × 32,000. bench/bench_losses.py (`jsd_linear`) compares it with the naive loss.
     """
     _check_temperature(temperature)
     if not 0.0 <= beta <= 1.0:
