@@ -26,8 +26,8 @@ from torch.autograd.function import once_differentiable
 from transformers import DynamicCache
 
 from opd.batch import right_pad
-from opd.logprobs import _check_temperature, masked_mean, step_token_count
-from opd.losses import jsd_rows
+from opd.logprobs import _check_chunk_size, _check_temperature, _compute_dtype, masked_mean, step_token_count
+from opd.losses import check_beta, jsd_rows
 
 # Causal LMs whose head is a plain bias-free linear map of the final normed hidden state.
 PLAIN_HEAD_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gpt_neox", "olmo", "olmo2", "phi3", "smollm3")
@@ -162,8 +162,7 @@ def linear_jsd_loss(hidden_N_H: Tensor, weight_V_H: Tensor, teacher_N_X: Tensor,
     at 5,120 × 2,048 and 256 × 32,000. bench/bench_losses.py (`jsd_linear`) compares it with the naive loss.
     """
     _check_temperature(temperature)
-    if not 0.0 <= beta <= 1.0:
-        raise ValueError(f"beta must be in [0, 1], got {beta!r}")
+    check_beta(beta)
     N = hidden_N_H.shape[0]
     teacher_V = teacher_N_X.shape[-1] if teacher_head_V_X is None else teacher_head_V_X.shape[0]
     if (hidden_N_H.dim() != 2 or weight_V_H.dim() != 2 or weight_V_H.shape[1] != hidden_N_H.shape[1]
@@ -174,20 +173,22 @@ def linear_jsd_loss(hidden_N_H: Tensor, weight_V_H: Tensor, teacher_N_X: Tensor,
                          f"teacher {tuple(teacher_N_X.shape)}{heads}; mask {tuple(loss_mask_N.shape)}")
     V = min(weight_V_H.shape[0], teacher_V)
     sub_rows = max(1, 2**16 // V) if sub_rows is None else sub_rows
-    for name, rows in (("chunk_size", chunk_size), ("sub_rows", sub_rows)):
-        if not isinstance(rows, int) or rows < 1:
-            raise ValueError(f"{name} must be a positive int, got {rows!r}")
-    dtype = torch.float64 if hidden_N_H.dtype == torch.float64 else torch.float32
+    _check_chunk_size(chunk_size)
+    _check_chunk_size(sub_rows, "sub_rows")
+    dtype = _compute_dtype(hidden_N_H)
     n = step_token_count(num_tokens, loss_mask_N, dtype).clamp(min=1.0)
     active_N = loss_mask_N != 0
     weights_N = torch.where(active_N, loss_mask_N.to(dtype), 0.0) / n
     every_row = bool(active_N.all())  # training passes the active rows only: no gather
     pick = (lambda x: x) if every_row else (lambda x: x[active_N])
-    loss, values_A = _LinearJSD.apply(
-        pick(hidden_N_H), weight_V_H[:V] if V < weight_V_H.shape[0] else weight_V_H,
-        pick(teacher_N_X.detach()) if teacher_head_V_X is not None else pick(teacher_N_X.detach())[:, :V],
-        None if teacher_head_V_X is None else teacher_head_V_X.detach()[:V], pick(weights_N), float(beta),
-        float(temperature), chunk_size, sub_rows)
+    teacher_A_X = pick(teacher_N_X.detach())
+    if teacher_head_V_X is None:
+        teacher_A_X = teacher_A_X[:, :V]  # logits: the shared ids only
+    else:
+        teacher_head_V_X = teacher_head_V_X.detach()[:V]
+    loss, values_A = _LinearJSD.apply(pick(hidden_N_H), weight_V_H[:V] if V < weight_V_H.shape[0] else weight_V_H,
+                                      teacher_A_X, teacher_head_V_X, pick(weights_N), float(beta), float(temperature),
+                                      chunk_size, sub_rows)
     values_N = values_A if every_row else torch.zeros_like(weights_N).masked_scatter(active_N, values_A)
     return loss, {"opd/jsd": masked_mean(values_N, loss_mask_N).float()}
 

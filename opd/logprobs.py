@@ -25,9 +25,9 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _check_chunk_size(chunk_size: int) -> None:
+def _check_chunk_size(chunk_size: int, name: str = "chunk_size") -> None:
     if not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+        raise ValueError(f"{name} must be a positive int, got {chunk_size!r}")
 
 
 def _check_temperature(temperature: float) -> None:

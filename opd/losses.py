@@ -244,6 +244,11 @@ def topk_forward_kl_loss(student_logits_B_T_V: Tensor, teacher_topk_ids_B_T_K: T
     return loss, _detached(metrics)
 
 
+def check_beta(beta: float) -> None:
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be in [0, 1], got {beta!r}")
+
+
 def jsd_rows(s_C_V: Tensor, t_C_V: Tensor, beta: float, temperature: float) -> tuple[Tensor, Tensor]:
     """Per-row generalized JSD of logits `[C, V]` and its gradient w.r.t. the student's, fp32 (fp64 for fp64 input).
 
@@ -335,8 +340,7 @@ def generalized_jsd_loss(student_logits_B_T_V: Tensor, teacher_logits_B_T_V: Ten
     """
     _check_temperature(temperature)
     _check_chunk_size(chunk_size)
-    if not 0.0 <= beta <= 1.0:
-        raise ValueError(f"beta must be in [0, 1], got {beta!r}")
+    check_beta(beta)
     lead = tuple(student_logits_B_T_V.shape[:-1])
     if tuple(teacher_logits_B_T_V.shape[:-1]) != lead or tuple(loss_mask_B_T.shape) != lead or len(lead) < 1:
         raise ValueError(f"shapes disagree: student logits {tuple(student_logits_B_T_V.shape)}, teacher logits "
