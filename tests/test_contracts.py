@@ -201,7 +201,9 @@ def test_both_sides_of_every_divergence_use_the_same_temperature(student, teache
             if config.loss == "topk_kl":  # the teacher's top-k at the temperature the student side uses
                 nu_R_K, ids_R_K = naive_logprobs(teacher, r, config.divergence_temperature).topk(config.topk, dim=-1)
                 assert torch.equal(s.topk_ids_R_K, ids_R_K)
-                torch.testing.assert_close(s.topk_logprobs_R_K.double(), nu_R_K, rtol=0, atol=2e-5)
+                # the top-k reaches far into the tail (logprobs near -29 here), where fp32 rounding of the
+                # fused hidden @ head matmul vs the full forward is relative: ~13 ulps is 2.5e-5 absolute
+                torch.testing.assert_close(s.topk_logprobs_R_K.double(), nu_R_K, rtol=2e-6, atol=2e-5)
     batch = collate(rollouts, scores, tokenizer.pad_token_id)
     ours, _ = micro_loss(student, batch, config, batch.num_tokens, vocab_size=V)
     want = naive_loss(student, teacher, rollouts, config, batch.num_tokens)
