@@ -52,7 +52,8 @@ def _eval(args: argparse.Namespace) -> dict:
                           seed=args.seed, reward=reward)
     metrics = evaluator(student)
     samples = metrics.pop("eval/samples")
-    print(f"student {args.student} vs teacher {args.teacher}: {len(examples)} rows of {source}, "
+    rows = f"{len(examples)} rows of {source}" if args.data else f"{len(examples)} held-out {source} examples"
+    print(f"student {args.student} vs teacher {args.teacher}: {rows}, "
           f"temperature {args.temperature}, at most {args.max_new_tokens} new tokens\n")
     print(format_report(metrics))
     print("greedy transcripts (prompt -> student; the first also the teacher's greedy trace on its own prompt)")
@@ -89,7 +90,7 @@ def summarize(run_dir: Path) -> str:
     from opd.metrics import read_metrics
 
     records = read_metrics(run_dir)
-    evals = [r for r in records if "eval/student_accuracy" in r]
+    evals = [r for r in records if "eval/trace_gap" in r or "eval/student_accuracy" in r]  # reward=none: no accuracy
     steps = [r for r in records if "train/loss" in r]
     rows = []
     if evals:

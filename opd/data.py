@@ -106,7 +106,7 @@ def read_table(source: str) -> Table:
     import datasets
 
     datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # a file Arrow cannot type is read by hand, quietly
     if source.startswith("hf:"):
         name, _, split = source.removeprefix("hf:").partition(":")
         try:
@@ -133,7 +133,7 @@ def read_table(source: str) -> Table:
         raise ValueError(f"data={source!r}: unknown file type {path.suffix!r}; accepted: {', '.join(FORMATS)}, a "
                          f"save_to_disk folder, or hf:NAME[:SPLIT]")
     try:
-        extra = {"dtype": str} if path.suffix == ".csv" else {}  # text stays text: an answer "007" is not 7
+        extra = {"features": csv_as_text(path)} if path.suffix == ".csv" else {}
         rows = datasets.load_dataset(FORMATS[path.suffix], data_files=str(path), split="train", **extra)
     except Exception as e:
         if FORMATS[path.suffix] != "json":
@@ -142,6 +142,17 @@ def read_table(source: str) -> Table:
         return read_json_by_hand(path)  # mixed column types, or a line that does not parse: found by hand
     kind = "jsonl" if path.suffix == ".jsonl" else FORMATS[path.suffix]
     return Table(rows, source, kind, jsonl_line_numbers(path) if kind == "jsonl" and _has_blank_lines(path) else None)
+
+
+def csv_as_text(path: Path):
+    """Every CSV column read as text: an answer "007" or "3.50" stays what the file says."""
+    import csv
+
+    import datasets
+
+    with path.open(newline="", encoding="utf-8") as f:
+        header = next(csv.reader(f), [])
+    return datasets.Features({name: datasets.Value("string") for name in header})
 
 
 def _has_blank_lines(path: Path) -> bool:
@@ -253,9 +264,9 @@ def validate_table(table: Table, keys: Keys, reward: str, privileged_task: bool 
     if not n_bad and ids:
         bad, n_bad = duplicated_ids(table, ids)
     if n_bad:
-        more = f"; and {n_bad - len(bad)} more" if n_bad > len(bad) else ""
+        more = f" | and {n_bad - len(bad)} more" if n_bad > len(bad) else ""
         raise ValueError(f"{table.label}: {n_bad} bad row{'s' * (n_bad > 1)} of {len(table)}, nothing loaded: "
-                         f"{'; '.join(bad)}{more}")
+                         f"{' | '.join(bad)}{more}")
     if not len(table):
         raise ValueError(f"{table.label}: no rows; give a file with at least one prompt")
     return counts, hash_N
@@ -267,7 +278,7 @@ def duplicated_ids(table: Table, ids: list[tuple[int, int]]) -> tuple[list[str],
     order = np.argsort(hash_N, kind="stable")
     repeats = order[1:][hash_N[order][1:] == hash_N[order][:-1]]  # a repeat's first occurrence comes earlier
     repeats = sorted(ids[j][1] for j in repeats)
-    shown = [f"{table.where(i)}: field 'id' {table[i]['id']!r} is duplicated; give each row its own id"
+    shown = [f"{table.where(i)}: field 'id' {str(table[i]['id'])!r} is duplicated; give each row its own id"
              for i in repeats[:SHOWN]]
     return shown, len(repeats)
 
