@@ -45,11 +45,11 @@ class Table:
     def __getitem__(self, i: int) -> dict:
         return self.rows[int(i)]
 
-    @property
+    @functools.cached_property
     def columns(self) -> list[str]:
         if hasattr(self.rows, "column_names"):
             return list(self.rows.column_names)
-        return sorted({k for row in self.rows[:1000] for k in row})
+        return sorted({k for row in self.rows for k in row})
 
     def batches(self, size: int = 8192) -> Iterator[list[dict]]:
         if hasattr(self.rows, "with_format"):  # Arrow batches to Python in C++: 3x faster than row by row
@@ -179,7 +179,7 @@ class Rows(Sequence):
     """The examples of a validated table, converted when indexed (a big file stays on disk, memory-mapped)."""
 
     def __init__(self, table: Table, indices: np.ndarray, keys: Keys):
-        self.table, self.indices, self.keys = table, indices, keys
+        self.table, self.indices, self.keys = table, indices, replace(keys, columns=frozenset(table.columns))
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -208,11 +208,6 @@ class Counts:
         self.references += bool(ex.solution)
 
 
-def hold_out(ex: Example, fraction: float) -> bool:
-    """A row is held out by a hash of its id, so it stays held out when the file is reordered or grows."""
-    return int(hashlib.blake2b(ex.id.encode(), digest_size=8).hexdigest(), 16) % 1_000_000 < fraction * 1_000_000
-
-
 @dataclass(frozen=True)
 class Data:
     """A run's validated prompts: training rows, evaluation rows, the reward, and what was read."""
@@ -234,6 +229,7 @@ def validate_table(table: Table, keys: Keys, reward: str, privileged_task: bool 
     if keys.prompt is None and not any(k in columns for k in PROMPT_KEYS):
         raise ValueError(f"{table.label}: no student prompt column; expected one of {', '.join(PROMPT_KEYS)}, found "
                          f"{', '.join(columns) or 'none'}; set prompt_key=COLUMN")
+    keys = replace(keys, columns=frozenset(columns))
     counts, bad, n_bad = Counts(), [], 0
     hash_N, ids = np.zeros(len(table)), []  # ids: (hash, row) of the rows with an `id` column
     i = 0
@@ -241,10 +237,12 @@ def validate_table(table: Table, keys: Keys, reward: str, privileged_task: bool 
         for row in batch:
             try:
                 ex = example_from_row(row, keys)
-                teacher_given = (lookup(row, keys.teacher_prompt) if keys.teacher_prompt
-                                 else first_present(row, TEACHER_KEYS)[1]) is not None
+                teacher_key, teacher = first_present(row, keys.teacher_keys)
                 problem = None
-                if teacher_given or privileged_task:
+                if teacher is not None and ex.teacher_prompt == ex.prompt:
+                    problem = (f"field {teacher_key!r} equals the student prompt; give the teacher more context "
+                               f"than the student (privileged), or drop it from the row for plain distillation")
+                elif teacher is not None or privileged_task:
                     problem = privileged_problem(ex, need_answer=privileged_task)
                 if problem is None and reward in NEEDS_ANSWER and not ex.answer:
                     problem = (f"field {keys.answer or ANSWER_KEYS[0]!r} is missing: reward={reward} compares against "
@@ -257,9 +255,11 @@ def validate_table(table: Table, keys: Keys, reward: str, privileged_task: bool 
                     bad.append(f"{table.where(i)}: {problem}")
             else:
                 counts.add(ex)
-                hash_N[i] = int(hashlib.blake2b(ex.id.encode(), digest_size=8).hexdigest(), 16) / 2.0**64
                 if row.get("id") is not None:
                     ids.append((hash(ex.id), i))
+                    hash_N[i] = int(hashlib.blake2b(ex.id.encode(), digest_size=8).hexdigest(), 16) / 2.0**64
+                else:  # the id is a blake2b hash of the content already
+                    hash_N[i] = int(ex.id, 16) / 2.0**64
             i += 1
     if not n_bad and ids:
         bad, n_bad = duplicated_ids(table, ids)

@@ -9,6 +9,7 @@ for the reward. A bad field raises `RowError` naming it and the fix; `opd.data` 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,16 +34,44 @@ class RowError(ValueError):
 
 @dataclass(frozen=True)
 class Keys:
-    """Column overrides (slime's `--input-key`) and the system message added to rows that have none."""
+    """Column overrides (slime's `--input-key`) and the system message added to rows that have none.
+
+    `columns` (a table's column names) drops the default candidates a table lacks, so a million
+    rows do not each look up a dozen absent keys; an override is always looked up.
+    """
 
     prompt: str | None = None
     teacher_prompt: str | None = None
     answer: str | None = None
     system_prompt: str | None = None
+    columns: frozenset[str] | None = None
+
+    def candidates(self, override: str | None, defaults: tuple[str, ...]) -> tuple[str, ...]:
+        if override:
+            return (override,)
+        return tuple(k for k in defaults if self.columns is None or k.split(".")[0] in self.columns)
+
+    @functools.cached_property  # frozen dataclasses allow it: it writes __dict__, not through __setattr__
+    def prompt_keys(self) -> tuple[str, ...]:
+        return self.candidates(self.prompt, PROMPT_KEYS)
+
+    @functools.cached_property
+    def teacher_keys(self) -> tuple[str, ...]:
+        return self.candidates(self.teacher_prompt, TEACHER_KEYS)
+
+    @functools.cached_property
+    def answer_keys(self) -> tuple[str, ...]:
+        return self.candidates(self.answer, ANSWER_KEYS)
+
+    @functools.cached_property
+    def route_keys(self) -> tuple[str, ...]:
+        return self.candidates(None, ROUTE_KEYS)
 
 
 def lookup(row: dict, key: str):
     """row[key], following `a.b` into nested dicts (verl's `reward_model.ground_truth`); None if absent."""
+    if "." not in key:  # the common case, first: a million rows look up a dozen keys each
+        return row.get(key)
     value = row
     for part in key.split("."):
         if not isinstance(value, dict):
@@ -76,7 +105,7 @@ def to_messages(value, field: str) -> tuple[list[dict], str]:
             raise RowError(f"{field}[{j}].role", f"is {m['role']!r}, an unknown role; use one of {', '.join(ROLES)}")
         if not isinstance(m["content"], str):
             raise RowError(f"{field}[{j}].content", f"is a {type(m['content']).__name__}, not a string")
-        messages.append({k: v for k, v in m.items() if v is not None})
+        messages.append(m if None not in m.values() else {k: v for k, v in m.items() if v is not None})
     reference = messages.pop()["content"] if messages and messages[-1]["role"] == "assistant" else ""
     if not any(m["content"].strip() for m in messages):
         raise RowError(field, "is an empty prompt; give at least one non-empty user message before the assistant turn")
@@ -108,23 +137,22 @@ def row_id(prompt: list[dict], teacher_prompt: list[dict], answer: str) -> str:
 
 def example_from_row(row: dict, keys: Keys = Keys()) -> Example:
     """The one conversion of a data row to an `Example` (built-in tasks and files alike); raises RowError."""
-    prompt_key, value = (keys.prompt, lookup(row, keys.prompt)) if keys.prompt else first_present(row, PROMPT_KEYS)
+    prompt_key, value = first_present(row, keys.prompt_keys)
     if value is None:
         wanted = repr(keys.prompt) if keys.prompt else " or ".join(PROMPT_KEYS)
         raise RowError(keys.prompt or PROMPT_KEYS[0], f"is missing: the student prompt is read from {wanted} "
                                                       f"(set prompt_key= to name another column)")
     prompt, reference = to_messages(value, prompt_key)
-    teacher_key, value = ((keys.teacher_prompt, lookup(row, keys.teacher_prompt)) if keys.teacher_prompt
-                          else first_present(row, TEACHER_KEYS))
+    teacher_key, value = first_present(row, keys.teacher_keys)
     teacher_prompt = to_messages(value, teacher_key)[0] if value is not None else prompt
-    answer_key, answer = (keys.answer, lookup(row, keys.answer)) if keys.answer else first_present(row, ANSWER_KEYS)
+    answer_key, answer = first_present(row, keys.answer_keys)
     if answer is not None and not isinstance(answer, str | int | float) or isinstance(answer, bool):
         raise RowError(answer_key, f"is a {type(answer).__name__}, not a string or a number")
     answer = "" if answer is None else str(answer).strip()
     if "####" in answer:  # a GSM8K answer field: the worked solution, then `#### <answer>`
         solution, answer = split_solution(answer)
         reference = reference or solution
-    route_key, route = first_present(row, ROUTE_KEYS)
+    route_key, route = first_present(row, keys.route_keys)
     if route is not None and not isinstance(route, str):
         raise RowError(route_key, f"is a {type(route).__name__}, not a string naming a teacher")
     explicit_id = row.get("id")

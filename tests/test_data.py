@@ -124,7 +124,10 @@ BAD_ROWS = [  # (row, the field the error names, words of the fix)
     ({"messages": [{"role": "bot", "content": "hi"}]}, "field 'messages[0].role' is 'bot', an unknown role", "use one of"),
     ({"messages": [{"role": "user", "content": ["a"]}]}, "field 'messages[0].content' is a list, not a string", ""),
     ({"prompt": "66+15", "teacher_messages": [{"role": "user", "content": "66+15"}]},
-     "field 'teacher_prompt' equals the student prompt", "richer teacher prompt"),
+     "field 'teacher_messages' equals the student prompt", "or drop it from the row"),
+    ({"prompt": "What is 2+3?\nFinal: 5", "teacher_messages": [{"role": "user", "content": "What is 2+3?\nHint: add\n"
+                                                                                           "Final: 5"}]},
+     "field 'prompt' leaks the teacher prompt's answer line 'Final: 5'", ""),
     ({"prompt": "66+15", "answer": [81]}, "field 'answer' is a list, not a string or a number", ""),
 ]
 
