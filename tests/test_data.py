@@ -298,3 +298,19 @@ def test_load_data_holds_out_by_a_hash_of_the_row(tmp_path):
     assert 5 < len(held) < 40 and len(data.train) + len(held) == 200 and not held & {ex.id for ex in data.train}
     shuffled = load_data(load_config(None, [f"data={write_jsonl(tmp_path / 'b.jsonl', rows[::-1])}", "eval_size=200"]))
     assert {ex.id for ex in shuffled.eval} == held  # the same rows, whatever their order
+
+
+def test_truncated_teacher_traces_are_counted_and_get_no_final_answer_span(teacher, tokenizer):
+    from opd.evaluate import Evaluator, format_report
+    from opd.tasks import arithmetic_examples
+
+    examples = arithmetic_examples(4, "test")
+    whole = Evaluator(teacher, tokenizer, tokenizer, examples, 1.0, max_new_tokens=40)(teacher)
+    assert whole["eval/teacher_truncated"] == 0 and "eval/trace_gap_final" in whole
+    cut = Evaluator(teacher, tokenizer, tokenizer, examples, 1.0, max_new_tokens=4)(teacher)
+    assert cut["eval/teacher_truncated"] == 4 and "eval/trace_gap_final" not in cut
+    assert "(cut off at max_new_tokens)" in cut["eval/samples"][0] and "teacher's trace" not in cut["eval/samples"][1]
+    pure = Evaluator(teacher, tokenizer, tokenizer, examples, 1.0, max_new_tokens=40, reward=None)(teacher)
+    pure.pop("eval/samples")
+    assert not [k for k in pure if "accuracy" in k or "final" in k]
+    assert "accuracy: none (reward=none" in format_report(pure)
