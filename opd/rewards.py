@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import numbers
 from collections.abc import Callable
 
 from opd.tasks.base import Example, grade, normalize_answer
@@ -88,6 +89,6 @@ def score(reward: Reward, completion: str, example: Example) -> float:
         value = reward(completion, example)
     except Exception as e:
         raise ValueError(f"reward {name} raised on row {example.id!r}: {type(e).__name__}: {e}") from e
-    if isinstance(value, bool) or isinstance(value, int | float) and math.isfinite(value):
+    if isinstance(value, numbers.Real) and math.isfinite(value):  # bool, int, float, numpy scalars
         return float(value)
     raise ValueError(f"reward {name} returned {value!r} on row {example.id!r}; it must return a finite number")
