@@ -78,8 +78,13 @@ def _validate(run_dir: str, steps: int | None) -> None:
         if not config.is_file():
             raise ValueError(f"{run_dir}: no config.json to read the number of steps from; pass --steps N")
         steps = json.loads(config.read_text())["steps"]
-        if steps is None:  # derived from epochs inside the run
-            raise ValueError(f"{run_dir}: the run derived its steps from epochs; pass --steps N")
+        if steps is None:  # derived from epochs inside the run: its checkpoints record the number (#19)
+            from opd import checkpoint
+
+            latest = checkpoint.latest(Path(run_dir))
+            steps = json.loads((latest / "config.json").read_text())["steps"] if latest else None
+        if steps is None:
+            raise ValueError(f"{run_dir}: the run derived its steps from epochs and left no checkpoint; pass --steps N")
     records = validate_run(run_dir, steps)
     print(f"OK: {run_dir}: steps 0..{steps} logged once each, step-0 eval present, all {len(records)} records finite, "
           f"tokens trained every step, final student saved")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import logging
 import math
 import statistics
@@ -77,10 +78,7 @@ class Data:
 
 def validate_table(table: Table, keys: Keys, reward: str, privileged_task: bool = False) -> tuple[Counts, np.ndarray]:
     """Check every row; raise listing up to SHOWN bad rows and the count. Returns the counts and each row's
-    hash in [0, 1) (the held-out split). Privileged rules apply to a row that gives a teacher prompt, and
-    to every row of a `*_privileged` task; a reward that compares answers needs one on every row."""
-    from opd.validate import privileged_problem  # opd.validate imports opd.tasks, as this module does
-
+    hash in [0, 1) (the held-out split)."""
     columns = table.columns
     if keys.prompt is None and not any(k in columns for k in PROMPT_KEYS):
         raise ValueError(f"{table.label}: no student prompt column; expected one of {', '.join(PROMPT_KEYS)}, found "
@@ -88,35 +86,18 @@ def validate_table(table: Table, keys: Keys, reward: str, privileged_task: bool 
     keys = replace(keys, columns=frozenset(columns))
     counts, bad, n_bad = Counts(), [], 0
     hash_N, ids = np.zeros(len(table)), []  # ids: (hash, row) of the rows with an `id` column
-    i = 0
-    for batch in table.batches():
-        for row in batch:
-            try:
-                ex = example_from_row(row, keys)
-                teacher_key, teacher = first_present(row, keys.teacher_keys)
-                problem = None
-                if teacher is not None and ex.teacher_prompt == ex.prompt:
-                    problem = (f"field {teacher_key!r} equals the student prompt; give the teacher more context "
-                               f"than the student (privileged), or drop it from the row for plain distillation")
-                elif teacher is not None or privileged_task:
-                    problem = privileged_problem(ex, need_answer=privileged_task)
-                if problem is None and reward in NEEDS_ANSWER and not ex.answer:
-                    problem = (f"field {keys.answer or ANSWER_KEYS[0]!r} is missing: reward={reward} compares against "
-                               f"the expected answer; add it to every row (or set answer_key=), or set reward=none")
-            except RowError as e:
-                problem = str(e)
-            if problem is not None:
-                n_bad += 1
-                if len(bad) < SHOWN:
-                    bad.append(f"{table.where(i)}: {problem}")
-            else:
-                counts.add(ex)
-                if row.get("id") is not None:
-                    ids.append((hash(ex.id), i))
-                    hash_N[i] = int(hashlib.blake2b(ex.id.encode(), digest_size=8).hexdigest(), 16) / 2.0**64
-                else:  # the id is a blake2b hash of the content already
-                    hash_N[i] = int(ex.id, 16) / 2.0**64
-            i += 1
+    for i, row in enumerate(itertools.chain.from_iterable(table.batches())):
+        ex, problem = check_row(row, keys, reward, privileged_task)
+        if problem is not None:
+            n_bad += 1
+            bad += [f"{table.where(i)}: {problem}"] if len(bad) < SHOWN else []
+            continue
+        counts.add(ex)
+        if row.get("id") is not None:
+            ids.append((hash(ex.id), i))
+            hash_N[i] = int(hashlib.blake2b(ex.id.encode(), digest_size=8).hexdigest(), 16) / 2.0**64
+        else:  # the id is a blake2b hash of the content already
+            hash_N[i] = int(ex.id, 16) / 2.0**64
     if not n_bad and ids:
         bad, n_bad = duplicated_ids(table, ids)
     if n_bad:
@@ -126,6 +107,28 @@ def validate_table(table: Table, keys: Keys, reward: str, privileged_task: bool 
     if not len(table):
         raise ValueError(f"{table.label}: no rows; give a file with at least one prompt")
     return counts, hash_N
+
+
+def check_row(row: dict, keys: Keys, reward: str, privileged_task: bool) -> tuple[Example | None, str | None]:
+    """(the row's example, what is wrong with it or None). Privileged rules apply to a row that gives a
+    teacher prompt and to every row of a `*_privileged` task; a reward that compares answers needs one."""
+    from opd.validate import privileged_problem  # opd.validate imports opd.tasks, as this module does
+
+    try:
+        ex = example_from_row(row, keys)
+    except RowError as e:
+        return None, str(e)
+    teacher_key, teacher = first_present(row, keys.teacher_keys)
+    if teacher is not None and ex.teacher_prompt == ex.prompt:
+        return ex, (f"field {teacher_key!r} equals the student prompt; give the teacher more context than the "
+                    f"student (privileged), or drop it from the row for plain distillation")
+    if teacher is not None or privileged_task:
+        if (problem := privileged_problem(ex, need_answer=privileged_task)) is not None:
+            return ex, problem
+    if reward in NEEDS_ANSWER and not ex.answer:
+        return ex, (f"field {keys.answer or ANSWER_KEYS[0]!r} is missing: reward={reward} compares against the "
+                    f"expected answer; add it to every row (or set answer_key=), or set reward=none")
+    return ex, None
 
 
 def duplicated_ids(table: Table, ids: list[tuple[int, int]]) -> tuple[list[str], int]:

@@ -256,6 +256,7 @@ def test_a_run_resumed_mid_epoch_sees_the_same_prompts_as_an_uninterrupted_one(t
 
     whole = seen("whole", "save_every=0")
     assert len(read_metrics(tmp_path / "whole")) == 1 + 5  # steps = ceil(5 rows · 2 epochs / 2) = 5
+    assert main(["validate", str(tmp_path / "whole")]) == 0  # the derived steps are read from its checkpoint
     first = whole[::2]  # two completions per prompt: each row is graded twice in a row
     assert sorted(first[:5]) == sorted(first[5:10]) == [f"r{i}" for i in range(5)]
     seen("split", "steps=2", "save_every=2")  # stops at prompt 4 of epoch 1
