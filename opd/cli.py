@@ -33,31 +33,34 @@ def _train(recipe: str | None, overrides: list[str], offpolicy: bool = False) ->
 
 def _eval(args: argparse.Namespace) -> dict:
     """The full held-out report of `opd.evaluate.Evaluator` for a teacher/student pair; printed, and saved if asked."""
+    from opd.data import eval_rows
     from opd.evaluate import Evaluator, format_report
     from opd.models import load_model, load_tokenizer
-    from opd.tasks import load_task
     from opd.teacher.hf import freeze
     from opd.tokenization import check_tokenizers_compatible
     from opd.validate import validate_setup
 
+    examples, reward = eval_rows(args)  # read and validated before any model loads (#19)
+    source = args.data or args.task or "arithmetic"
     tokenizer, teacher_tokenizer = load_tokenizer(args.student), load_tokenizer(args.teacher)
     check_tokenizers_compatible(teacher_tokenizer, tokenizer)
-    examples = load_task(args.task, "test", args.n, args.seed, args.data_dir)
     teacher = freeze(load_model(args.teacher, device=args.device))
     student = load_model(args.student, device=args.device)
     student.eval()
-    validate_setup(args.task, examples, teacher, student, teacher_tokenizer, tokenizer)
+    validate_setup(args.task or "arithmetic", examples[:1], teacher, student, teacher_tokenizer, tokenizer)
     evaluator = Evaluator(teacher, tokenizer, teacher_tokenizer, examples, args.temperature, args.max_new_tokens,
-                          seed=args.seed)
+                          seed=args.seed, reward=reward)
     metrics = evaluator(student)
     samples = metrics.pop("eval/samples")
-    print(f"student {args.student} vs teacher {args.teacher}: {len(examples)} held-out {args.task} examples, "
+    rows = f"{len(examples)} rows of {source}" if args.data else f"{len(examples)} held-out {source} examples"
+    print(f"student {args.student} vs teacher {args.teacher}: {rows}, "
           f"temperature {args.temperature}, at most {args.max_new_tokens} new tokens\n")
     print(format_report(metrics))
+    print("greedy transcripts (prompt -> student; the first also the teacher's greedy trace on its own prompt)")
     for sample in samples[: args.samples]:
-        print(f"  student greedy: {sample}")
+        print(f"  {sample}")
     if args.json:
-        report = {"teacher": args.teacher, "student": args.student, "task": args.task, "n": len(examples),
+        report = {"teacher": args.teacher, "student": args.student, "task": source, "n": len(examples),
                   "temperature": args.temperature, "max_new_tokens": args.max_new_tokens, "seed": args.seed,
                   "metrics": metrics, "samples": samples}
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -75,6 +78,13 @@ def _validate(run_dir: str, steps: int | None) -> None:
         if not config.is_file():
             raise ValueError(f"{run_dir}: no config.json to read the number of steps from; pass --steps N")
         steps = json.loads(config.read_text())["steps"]
+        if steps is None:  # derived from epochs inside the run: its checkpoints record the number (#19)
+            from opd import checkpoint
+
+            latest = checkpoint.latest(Path(run_dir))
+            steps = json.loads((latest / "config.json").read_text())["steps"] if latest else None
+        if steps is None:
+            raise ValueError(f"{run_dir}: the run derived its steps from epochs and left no checkpoint; pass --steps N")
     records = validate_run(run_dir, steps)
     print(f"OK: {run_dir}: steps 0..{steps} logged once each, step-0 eval present, all {len(records)} records finite, "
           f"tokens trained every step, final student saved")
@@ -85,7 +95,7 @@ def summarize(run_dir: Path) -> str:
     from opd.metrics import read_metrics
 
     records = read_metrics(run_dir)
-    evals = [r for r in records if "eval/student_accuracy" in r]
+    evals = [r for r in records if "eval/trace_gap" in r or "eval/student_accuracy" in r]  # reward=none: no accuracy
     steps = [r for r in records if "train/loss" in r]
     rows = []
     if evals:
@@ -119,8 +129,16 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("eval", help="held-out report: teacher-trace gap, accuracies, sampled reverse KL, perplexities")
     p.add_argument("--teacher", default="tiny:teacher", help="model folder, or tiny:teacher")
     p.add_argument("--student", default="tiny:student", help="model folder, or tiny:student")
-    p.add_argument("--task", default="arithmetic", help="arithmetic, gsm8k or gsm8k_privileged")
+    p.add_argument("--task", default=None, help="arithmetic (default), gsm8k or gsm8k_privileged")
     p.add_argument("--data-dir", default=None, help="folder with test.jsonl for the GSM8K tasks")
+    p.add_argument("--data", default=None, help="your own rows instead of --task: .jsonl/.json/.parquet/.csv, "
+                                                "a save_to_disk folder or hf:NAME[:SPLIT] (every row, up to --n)")
+    p.add_argument("--prompt-key", default=None, help="column of the student prompt (with --data)")
+    p.add_argument("--teacher-prompt-key", default=None, help="column of the teacher prompt (with --data)")
+    p.add_argument("--answer-key", default=None, help="column of the answer, a.b for nested (with --data)")
+    p.add_argument("--system-prompt", default=None, help="system message added to rows that have none")
+    p.add_argument("--reward", default=None, help="final_answer, boxed, exact, none or module:function "
+                                                  "(default: final_answer for --task, none for --data)")
     p.add_argument("--n", type=int, default=200, help="held-out examples")
     p.add_argument("--temperature", type=float, default=1.0, help="τ of the sampled metrics and the trace NLLs")
     p.add_argument("--max-new-tokens", type=int, default=48)

@@ -30,11 +30,21 @@ class TrainConfig:
     teacher: str = "tiny:teacher"  # frozen teacher checkpoint
     student: str = "tiny:student"  # student checkpoint to train
     # task
-    task: str = "arithmetic"  # one of TASKS
-    data_dir: str | None = None  # folder with {train,test}.jsonl for GSM8K tasks (default: ../shared/data/gsm8k)
+    task: str = "arithmetic"  # one of TASKS (a built-in prompt source; `data` replaces it)
+    data_dir: str | None = None  # folder with {train,test}.jsonl for GSM8K tasks (default: the copy in opd/assets/data)
     train_size: int = 4096  # prompts in the training pool
     eval_size: int = 200  # held-out prompts for evaluation
     eval_train_size: int = 0  # also evaluate the first N training prompts, logged as eval_train/* (0 = off)
+    # your own prompts (#19): `data` replaces `task` (opd/data.py; rows read as DESIGN.md §7 "Data rows")
+    data: str | None = None  # .jsonl/.json/.parquet/.csv, a save_to_disk folder or hf:NAME[:SPLIT]; every row trains
+    eval_data: str | None = None  # held-out rows (at most eval_size); default: eval_fraction of `data`
+    eval_fraction: float = 0.1  # rows of `data` held out by a hash of the row (0 = evaluate on training rows)
+    prompt_key: str | None = None  # column of the student prompt (default: prompt > messages > question > input > problem)
+    teacher_prompt_key: str | None = None  # column of the teacher prompt (default: teacher_messages > privileged_messages > ...)
+    answer_key: str | None = None  # column of the answer, `a.b` for nested (default: expected_answer > answer > ...)
+    system_prompt: str | None = None  # system message added to rows that have none
+    reward: str | None = None  # final_answer, boxed, exact, none or module:function (default: final_answer for tasks, none for data)
+    epochs: int | None = None  # walk the rows without replacement, reshuffled each epoch (None = sample with replacement)
     # sampling (one temperature rule: student and teacher both at τ = temperature)
     prompts_per_step: int = 16  # P
     completions_per_prompt: int = 4  # G
@@ -59,7 +69,7 @@ class TrainConfig:
     grpo_scale_std: bool = True  # divide group-relative rewards by the group std
     opsm_delta: float | None = None  # off-policy sequence masking threshold δ (None = off)
     # optimization
-    steps: int = 100  # optimizer steps
+    steps: int | None = None  # optimizer steps (default 100; with only `epochs`, ceil(rows · epochs / prompts_per_step))
     lr: float = 1e-4
     lr_schedule: str = "constant"  # one of SCHEDULES, after warm-up
     warmup_steps: int = 0
@@ -80,6 +90,10 @@ class TrainConfig:
     wandb_project: str | None = None  # also log to this Weights & Biases project (needs `wandb`)
     progress: bool = True  # show a progress bar
 
+    def __post_init__(self):
+        if self.steps is None and self.epochs is None:  # frozen: the default of 100 needs object.__setattr__
+            object.__setattr__(self, "steps", 100)
+
     @property
     def sampling(self) -> Sampling:
         return Sampling(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
@@ -99,7 +113,7 @@ class TrainConfig:
         if (self.teacher_backend == "served") != (self.teacher_url is not None):
             raise ValueError("teacher_url is needed exactly when teacher_backend=served (e.g. teacher_url=http://host:8000)")
         _one_of("dtype", self.dtype, DTYPES)
-        for name in ("prompts_per_step", "completions_per_prompt", "max_new_tokens", "steps", "micro_batch_size",
+        for name in ("prompts_per_step", "completions_per_prompt", "max_new_tokens", "micro_batch_size",
                      "topk", "train_size", "eval_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -140,11 +154,39 @@ class TrainConfig:
             if path not in TINY_ALIASES and not (Path(path) / "config.json").is_file():
                 raise ValueError(f"{name}={path!r} is not a model folder (no config.json there); give a local Hugging "
                                  f"Face folder or one of {TINY_ALIASES}")
+        self.validate_data()
         if self.task.startswith("gsm8k") and self.data_dir is not None:
             for split in ("train", "test"):
                 if not (Path(self.data_dir) / f"{split}.jsonl").is_file():
                     raise ValueError(f"data_dir={self.data_dir!r} has no {split}.jsonl")
         return self
+
+    def validate_data(self) -> None:
+        """Your own prompts (#19): `data` replaces `task`; keys and eval files only act with `data`."""
+        from opd.rewards import make_reward, reward_name
+
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.epochs is not None and self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1 or null (sample with replacement), got {self.epochs}")
+        if self.data is not None:
+            if self.task != "arithmetic":
+                raise ValueError(f"task={self.task!r} and data={self.data!r} both name the prompts; keep one "
+                                 f"(task for a built-in source, data for your file)")
+            if self.data_dir is not None:
+                raise ValueError("data_dir is the GSM8K tasks' folder; with data=PATH give the file itself")
+        else:
+            given = [k for k in ("eval_data", "prompt_key", "teacher_prompt_key", "answer_key", "system_prompt")
+                     if getattr(self, k) is not None]
+            if given:
+                raise ValueError(f"{', '.join(given)} only act on your own prompts: set data=PATH (or remove them)")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        name = reward_name(self)
+        make_reward(name)  # an unknown name or a callable that does not import fails here, before any model
+        if name == "none" and (self.task_reward or self.teacher_backend == "none"):
+            raise ValueError("task_reward=true (and teacher_backend=none) trains on the reward: set reward= to "
+                             "final_answer, boxed, exact or module:function")
 
     def to_dict(self) -> dict:
         return asdict(self)

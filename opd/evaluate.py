@@ -6,6 +6,9 @@ the teacher under its prompt and by the student under the student prompt. The ga
 token-weighted student NLL minus teacher NLL over the whole trace, the part before the
 final answer, and the final-answer span. It falls as the student learns what the
 teacher knows; it is 0 for a student identical to the teacher on the same prompt.
+Accuracy and the final-answer span exist only when the run has a reward (`opd.rewards`; with
+`reward=none` they are absent, not 0); a teacher trace cut off by `max_new_tokens` is counted and
+gets no final-answer span (its answer was never written).
 Every distribution is formed over each model's tokenizer range (`len(tokenizer)`), so a
 padded embedding changes nothing (DESIGN.md §5).
 """
@@ -16,7 +19,8 @@ import torch
 
 from opd.rollout import Sampling
 from opd.rollout.hf import HFRolloutEngine
-from opd.tasks import FINAL_RE, Example, grade
+from opd.rewards import Reward, final_answer, score
+from opd.tasks import FINAL_RE, Example
 from opd.teacher.hf import score_tokens
 from opd.tokenization import render_prompt
 
@@ -25,19 +29,22 @@ SPANS = ("", "_pre_final", "_final")  # whole trace, before the final answer, th
 
 @torch.no_grad()
 def greedy_accuracy(model, tokenizer, examples: list[Example], max_new_tokens: int = 64, teacher_prompt: bool = False,
-                    batch_size: int = 256) -> tuple[float, list[str]]:
-    """(fraction graded correct, decoded completions) of greedy decoding from each prompt."""
+                    batch_size: int = 256, reward: Reward | None = final_answer) -> tuple[float | None, list[str]]:
+    """(mean reward, None without one; decoded completions) of greedy decoding from each prompt."""
     prompts = [render_prompt(tokenizer, ex.teacher_prompt if teacher_prompt else ex.prompt) for ex in examples]
     engine = HFRolloutEngine(model, tokenizer, batch_size=batch_size)
     rollouts = engine.generate(prompts, n=1, sampling=Sampling(greedy=True, max_new_tokens=max_new_tokens), seed=0)
-    return graded(tokenizer, [r.completion_ids for r in rollouts], examples)
+    return graded(tokenizer, [r.completion_ids for r in rollouts], examples, reward)
 
 
-def graded(tokenizer, completions: list[list[int]], examples: list[Example]) -> tuple[float, list[str]]:
-    """(fraction graded correct, decoded texts) of one completion per example."""
+def graded(tokenizer, completions: list[list[int]], examples: list[Example],
+           reward: Reward | None = final_answer) -> tuple[float | None, list[str]]:
+    """(mean reward, the fraction correct for a 0/1 reward, or None without a reward; decoded texts)."""
     texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in completions]
-    correct = sum(grade(text, ex.answer) for text, ex in zip(texts, examples, strict=True))
-    return correct / max(len(examples), 1), texts
+    if reward is None:
+        return None, texts
+    total = sum(score(reward, text, ex) for text, ex in zip(texts, examples, strict=True))
+    return total / max(len(examples), 1), texts
 
 
 def final_answer_span(tokenizer, completion_ids: list[int]) -> tuple[int, int] | None:
@@ -76,8 +83,8 @@ class Evaluator:
     """Held-out metrics of a student against a frozen teacher; the teacher's side is computed once."""
 
     def __init__(self, teacher, tokenizer, teacher_tokenizer, examples: list[Example], temperature: float,
-                 max_new_tokens: int, seed: int = 0):
-        self.tokenizer, self.examples, self.temperature = tokenizer, examples, temperature
+                 max_new_tokens: int, seed: int = 0, reward: Reward | None = final_answer):
+        self.tokenizer, self.examples, self.temperature, self.reward = tokenizer, examples, temperature, reward
         self.max_new_tokens, self.seed = max_new_tokens, seed
         self.vocab_size, self.teacher_vocab_size = len(tokenizer), len(teacher_tokenizer)
         self.teacher = teacher
@@ -86,22 +93,37 @@ class Evaluator:
         greedy = Sampling(greedy=True, max_new_tokens=max_new_tokens)
         traces = HFRolloutEngine(teacher, teacher_tokenizer).generate(self.teacher_prompts, 1, greedy, seed=0)
         self.traces = [r.completion_ids for r in traces]
-        self.teacher_accuracy, _ = graded(teacher_tokenizer, self.traces, examples)
+        self.truncated = [r.finish_reason == "length" for r in traces]
+        self.teacher_accuracy, self.trace_texts = graded(teacher_tokenizer, self.traces, examples, reward)
         teacher_scores = score_tokens(teacher, self.teacher_prompts, self.traces, temperature,
                                       vocab_size=self.teacher_vocab_size)
         self.teacher_nll = [-s.logprobs_R for s in teacher_scores]
-        self.spans = [final_answer_span(teacher_tokenizer, t) for t in self.traces]
+        self.spans = [final_answer_span(teacher_tokenizer, t) if reward is not None and ex.answer and not cut else None
+                      for t, ex, cut in zip(self.traces, examples, self.truncated, strict=True)]
 
     @torch.no_grad()
     def __call__(self, student) -> dict:
-        accuracy, texts = greedy_accuracy(student, self.tokenizer, self.examples, self.max_new_tokens)
+        accuracy, texts = greedy_accuracy(student, self.tokenizer, self.examples, self.max_new_tokens,
+                                          reward=self.reward)
         student_scores = score_tokens(student, self.prompts, self.traces, self.temperature, vocab_size=self.vocab_size)
         student_nll = [-s.logprobs_R for s in student_scores]
-        metrics = {"eval/student_accuracy": accuracy, "eval/teacher_accuracy": self.teacher_accuracy}
+        metrics = {}
+        if self.reward is not None:  # accuracy only with a reward (reward=none: absent, not 0)
+            metrics |= {"eval/student_accuracy": accuracy, "eval/teacher_accuracy": self.teacher_accuracy}
         metrics |= trace_gap(student_nll, self.teacher_nll, self.spans)
+        metrics["eval/teacher_truncated"] = float(sum(self.truncated))
         metrics |= self.sampled_metrics(student)
-        metrics["eval/samples"] = [f"{ex.prompt[-1]['content']!r} -> {t!r}" for ex, t in zip(self.examples, texts)]
+        metrics["eval/samples"] = self.transcripts(texts)
         return metrics
+
+    def transcripts(self, texts: list[str]) -> list[str]:
+        """Prompt and the student's greedy completion per row; the first also shows the teacher's trace,
+        so a reader sees what the student is compared with."""
+        out = [f"{_short(ex.prompt[-1]['content'])} -> student: {t!r}" for ex, t in zip(self.examples, texts)]
+        if out:
+            cut = " (cut off at max_new_tokens)" if self.truncated[0] else ""
+            out[0] += f"\n   teacher's trace{cut}: {self.trace_texts[0]!r}"
+        return out
 
     def sampled_metrics(self, student) -> dict:
         """Sampled reverse KL and perplexities on one student sample per held-out prompt."""
@@ -139,6 +161,10 @@ def trace_gap(student_nll: list[torch.Tensor], teacher_nll: list[torch.Tensor], 
     return out
 
 
+def _short(text: str, limit: int = 200) -> str:
+    return repr(text) if len(text) <= limit else repr(text[:limit]) + "..."
+
+
 def format_report(metrics: dict) -> str:
     """The metrics of one `Evaluator` call as a readable table (what `opd eval` prints)."""
     lines = [f"{'teacher-trace gap (nats/token)':<34}{'student NLL':>12}{'teacher NLL':>12}{'gap':>9}{'tokens':>8}"]
@@ -147,12 +173,20 @@ def format_report(metrics: dict) -> str:
             lines.append(f"  {label:<32}{metrics[f'eval/trace_student_nll{span}']:>12.4f}"
                          f"{metrics[f'eval/trace_teacher_nll{span}']:>12.4f}{metrics[f'eval/trace_gap{span}']:>9.4f}"
                          f"{metrics[f'eval/trace_tokens{span}']:>8.0f}")
+        elif "eval/teacher_accuracy" in metrics:
+            lines.append(f"  {label:<32}{'(no complete trace has a Final: line)':>41}")
         else:
-            lines.append(f"  {label:<32}{'(no trace has a Final: line)':>41}")
-    lines += ["accuracy (greedy decoding, exact match after normalization)",
-              f"  {'teacher, on its own prompt':<32}{metrics['eval/teacher_accuracy']:>12.1%}",
-              f"  {'student':<32}{metrics['eval/student_accuracy']:>12.1%}",
-              "one student sample per prompt, at the temperature",
+            lines.append(f"  {label:<32}{'(reward=none: no final answer)':>41}")
+    if "eval/teacher_truncated" in metrics:
+        lines.append(f"  {'teacher traces cut off':<32}{metrics['eval/teacher_truncated']:>12.0f}"
+                     f"  (at max_new_tokens: no final-answer span on them)")
+    if "eval/teacher_accuracy" in metrics:
+        lines += ["accuracy (greedy decoding, mean reward)",
+                  f"  {'teacher, on its own prompt':<32}{metrics['eval/teacher_accuracy']:>12.1%}",
+                  f"  {'student':<32}{metrics['eval/student_accuracy']:>12.1%}"]
+    else:
+        lines.append("accuracy: none (reward=none; set reward= to grade against the rows' answers)")
+    lines += ["one student sample per prompt, at the temperature",
               f"  {'sampled reverse KL (nats/token)':<32}{metrics['eval/sampled_reverse_kl']:>12.4f}",
               f"  {'student perplexity':<32}{metrics['eval/student_ppl']:>12.3f}",
               f"  {'teacher perplexity':<32}{metrics['eval/teacher_ppl']:>12.3f}",

@@ -32,9 +32,8 @@ from opd.losses import cross_entropy_loss
 from opd.metrics import MetricsWriter
 from opd.models import load_pair
 from opd.rollout import make_rollout_engine
-from opd.tasks import load_task
+from opd.data import load_data, rendered, resolve_steps
 from opd.teacher import TeacherScores
-from opd.tokenization import render_prompt
 from opd.train import (attach, make_evaluator, make_optimizer, sampled_token_logprobs, step_prompts,
                        train_step)
 from opd.types import Batch, Rollout
@@ -61,12 +60,11 @@ def train_offpolicy(config: TrainConfig) -> Path:
     run_dir = Path(config.out_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
+    data = load_data(config)  # every row read and validated before any model loads (#19)
+    config, examples, eval_examples = resolve_steps(config, len(data.train)), data.train, data.eval
     teacher, student, tokenizer, teacher_tokenizer = load_pair(config)
-    examples = load_task(config.task, "train", config.train_size, config.seed, config.data_dir)
-    eval_examples = load_task(config.task, "test", config.eval_size, config.seed, config.data_dir)
-    validate_setup(config.task, examples + eval_examples, teacher, student, teacher_tokenizer, tokenizer)
-    prompts = [render_prompt(tokenizer, ex.prompt) for ex in examples]
-    teacher_prompts = [render_prompt(teacher_tokenizer, ex.teacher_prompt) for ex in examples]
+    validate_setup(config.task, examples[:1], teacher, student, teacher_tokenizer, tokenizer)  # rows: load_data
+    prompts, teacher_prompts = rendered(tokenizer, examples), rendered(teacher_tokenizer, examples, teacher=True)
     teacher_engine = make_rollout_engine(config.rollout_backend, teacher, teacher_tokenizer)
     optimizer, scheduler = make_optimizer(student, config)
 
@@ -81,11 +79,12 @@ def train_offpolicy(config: TrainConfig) -> Path:
 
     for step in range(start_step + 1, config.steps + 1):
         t0 = time.perf_counter()
-        chosen_P = distributed.shard(step_prompts(len(prompts), config.prompts_per_step, config.seed, step), d)
+        chosen_P = distributed.shard(step_prompts(len(prompts), config.prompts_per_step, config.seed, step,
+                                                  config.epochs is not None), d)
         samples_PG = teacher_engine.generate([teacher_prompts[i] for i in chosen_P], config.completions_per_prompt,
                                              config.sampling, seed=config.seed * 1_000_003 + step + 7919 * d.rank)
         rollouts_PG = on_student_prompts(samples_PG, chosen_P, prompts)
-        attach(rollouts_PG, chosen_P, teacher_prompts, examples, tokenizer)
+        attach(rollouts_PG, chosen_P, teacher_prompts, examples, tokenizer, data.reward)
         batch = collate(rollouts_PG, own_scores(samples_PG), tokenizer.pad_token_id)
         t1 = time.perf_counter()
         num_tokens = int(distributed.all_sum(batch.num_tokens, d))
@@ -146,9 +145,11 @@ def cross_entropy_micro_loss(student: torch.nn.Module, micro: Batch, config: Tra
 
 def sample_metrics(batch: Batch, rollouts: list[Rollout]) -> dict[str, float]:
     """What the teacher's samples were like: its NLL of them, their length, truncation and task reward."""
-    return {
+    metrics = {
         "offpolicy/teacher_nll": masked_mean(-batch.teacher_logprobs_B_T, batch.loss_mask_B_T).item(),
-        "offpolicy/teacher_reward": sum(r.reward for r in rollouts) / len(rollouts),
         "gen/mean_length": sum(len(r.completion_ids) for r in rollouts) / len(rollouts),
         "gen/truncated_fraction": sum(r.finish_reason == "length" for r in rollouts) / len(rollouts),
     }
+    if rollouts[0].reward is not None:  # reward=none: no reward key (#19)
+        metrics["offpolicy/teacher_reward"] = sum(r.reward for r in rollouts) / len(rollouts)
+    return metrics

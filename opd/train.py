@@ -29,7 +29,8 @@ from opd.losses import (generalized_jsd_loss, grpo_advantages, importance_sampli
 from opd.metrics import MetricsWriter
 from opd.models import load_pair
 from opd.rollout import make_rollout_engine
-from opd.tasks import grade, load_task
+from opd.data import epoch_prompts, load_data, rendered, resolve_steps
+from opd.rewards import Reward, final_answer, make_reward, reward_name, score
 from opd.teacher import make_teacher_scorer
 from opd.tokenization import render_prompt, vocab_logits
 from opd.types import Batch, Rollout
@@ -45,17 +46,16 @@ def train(config: TrainConfig) -> Path:
     run_dir = Path(config.out_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
+    data = load_data(config)  # every row read and validated before any model loads (#19)
+    config, examples, eval_examples = resolve_steps(config, len(data.train)), data.train, data.eval
     teacher, student, tokenizer, teacher_tokenizer = load_pair(config)
     if config.fsdp and d.world > 1:
         if config.prompts_per_step % d.world:  # a sharded forward is a collective: equal rows on every rank
             raise ValueError(f"fsdp=true needs prompts_per_step ({config.prompts_per_step}) divisible by the "
                              f"number of processes ({d.world})")
         distributed.shard_model(student)
-    examples = load_task(config.task, "train", config.train_size, config.seed, config.data_dir)
-    eval_examples = load_task(config.task, "test", config.eval_size, config.seed, config.data_dir)
-    validate_setup(config.task, examples + eval_examples, teacher, student, teacher_tokenizer, tokenizer)
-    prompts = [render_prompt(tokenizer, ex.prompt) for ex in examples]
-    teacher_prompts = [render_prompt(teacher_tokenizer, ex.teacher_prompt) for ex in examples]
+    validate_setup(config.task, examples[:1], teacher, student, teacher_tokenizer, tokenizer)  # rows: load_data
+    prompts, teacher_prompts = rendered(tokenizer, examples), rendered(teacher_tokenizer, examples, teacher=True)
     engine = make_rollout_engine(config.rollout_backend, student, tokenizer)
     scorer = make_teacher_scorer(config.teacher_backend, teacher, url=config.teacher_url, name=config.teacher,
                                  vocab_size=len(teacher_tokenizer))
@@ -74,10 +74,11 @@ def train(config: TrainConfig) -> Path:
 
     for step in range(start_step + 1, config.steps + 1):
         t0 = time.perf_counter()
-        chosen_P = distributed.shard(step_prompts(len(prompts), config.prompts_per_step, config.seed, step), d)
+        chosen_P = distributed.shard(step_prompts(len(prompts), config.prompts_per_step, config.seed, step,
+                                                  config.epochs is not None), d)
         rollouts_PG = engine.generate([prompts[i] for i in chosen_P], config.completions_per_prompt,
                                       config.sampling, seed=config.seed * 1_000_003 + step + 7919 * d.rank)
-        attach(rollouts_PG, chosen_P, teacher_prompts, examples, tokenizer)
+        attach(rollouts_PG, chosen_P, teacher_prompts, examples, tokenizer, data.reward)
         t1 = time.perf_counter()
         scores = teacher_scores(scorer, rollouts_PG, config)
         task_advantages_B = task_advantages(rollouts_PG, config)
@@ -128,11 +129,12 @@ def make_optimizer(student: torch.nn.Module, config: TrainConfig):
 
 def make_evaluator(config: TrainConfig, teacher, tokenizer, teacher_tokenizer, eval_examples, examples):
     """The run's evaluation: held-out rows, plus the first `eval_train_size` training rows when asked."""
-    evaluate = Evaluator(teacher, tokenizer, teacher_tokenizer, eval_examples, config.temperature,
-                         config.max_new_tokens, seed=config.seed)
+    reward = make_reward(reward_name(config))
+    evaluate = Evaluator(teacher, tokenizer, teacher_tokenizer, list(eval_examples), config.temperature,
+                         config.max_new_tokens, seed=config.seed, reward=reward)
     if config.eval_train_size:
         on_train = Evaluator(teacher, tokenizer, teacher_tokenizer, examples[: config.eval_train_size],
-                             config.temperature, config.max_new_tokens, seed=config.seed)
+                             config.temperature, config.max_new_tokens, seed=config.seed, reward=reward)
         evaluate = with_training_rows(evaluate, on_train)
     return evaluate
 
@@ -162,18 +164,27 @@ def lr_factor(step: int, config: TrainConfig) -> float:
     return 1.0
 
 
-def step_prompts(n_prompts: int, k: int, seed: int, step: int) -> list[int]:
-    """The step's prompt indices: a pure function of (seed, step), so a resumed run sees the same data."""
+def step_prompts(n_prompts: int, k: int, seed: int, step: int, epochs: bool = False) -> list[int]:
+    """The step's prompt indices: a pure function of (seed, step), so a resumed run sees the same data.
+
+    With `epochs`, the rows are walked without replacement (`opd.data.epoch_prompts`); else each step
+    draws k distinct rows afresh.
+    """
+    if epochs:
+        return epoch_prompts(n_prompts, k, seed, step)
     return random.Random(f"{seed}:{step}").sample(range(n_prompts), min(k, n_prompts))
 
 
-def attach(rollouts: list[Rollout], chosen_P: list[int], teacher_prompts: list[list[int]], examples, tokenizer) -> None:
-    """Give each rollout its teacher prompt, expected answer and graded reward."""
+def attach(rollouts: list[Rollout], chosen_P: list[int], teacher_prompts: list[list[int]], examples, tokenizer,
+           reward: Reward | None = final_answer) -> None:
+    """Give each rollout its teacher prompt, expected answer and reward (None when the reward is `none`)."""
     for r in rollouts:
         index = chosen_P[r.prompt_index]
+        example = examples[index]
         r.teacher_prompt_ids = teacher_prompts[index]
-        r.expected_answer = examples[index].answer
-        r.reward = float(grade(tokenizer.decode(r.completion_ids, skip_special_tokens=True), r.expected_answer))
+        r.expected_answer = example.answer or None
+        if reward is not None:
+            r.reward = score(reward, tokenizer.decode(r.completion_ids, skip_special_tokens=True), example)
 
 
 def teacher_scores(scorer, rollouts: list[Rollout], config: TrainConfig) -> list:
@@ -323,8 +334,9 @@ def batch_metrics(batch: Batch, rollouts: list[Rollout]) -> dict[str, float]:
         "opd/sampler_nll": masked_mean(-batch.sampler_logprobs_B_T, mask_B_T).item(),
         "gen/mean_length": sum(len(r.completion_ids) for r in rollouts) / len(rollouts),
         "gen/truncated_fraction": sum(r.finish_reason == "length" for r in rollouts) / len(rollouts),
-        "task/reward": sum(r.reward for r in rollouts) / len(rollouts),
     }
+    if rollouts[0].reward is not None:  # reward=none: no task/reward key (#19)
+        metrics["task/reward"] = sum(r.reward for r in rollouts) / len(rollouts)
     if batch.teacher_logprobs_B_T is not None:
         q_B_T = batch.teacher_logprobs_B_T
         metrics |= {"opd/sampled_reverse_kl": masked_mean(batch.sampler_logprobs_B_T - q_B_T, mask_B_T).item(),

@@ -36,38 +36,46 @@ def answer_lines(text: str) -> list[str]:
 def validate_privileged(examples: list[Example]) -> None:
     """Every example has both prompts and an answer, and the privilege is real and not leaked (issue #6)."""
     for i, ex in enumerate(examples):
-        for field in ("prompt", "teacher_prompt"):
-            if not _text(getattr(ex, field)).strip():
-                raise ValueError(f"example {i}: field {field!r} is an empty prompt; give the "
-                                 f"{'student' if field == 'prompt' else 'teacher'} prompt's messages")
-        if not ex.answer.strip():
-            raise ValueError(f"example {i}: field 'answer' is empty; a privileged task needs the expected answer")
-        if ex.teacher_prompt == ex.prompt:
-            raise ValueError(f"example {i}: field 'teacher_prompt' equals the student prompt; a privileged task "
-                             f"needs a richer teacher prompt (or use the plain task, e.g. task=gsm8k, for plain "
-                             f"distillation)")
-        student_text, privileged = _text(ex.prompt), privileged_text(ex)
-        if _text(ex.teacher_prompt).strip() in student_text:
-            raise ValueError(f"example {i}: field 'prompt' contains the whole teacher prompt, so nothing is "
-                             f"privileged; remove the privileged text from the student prompt")
-        if privileged and privileged in student_text:
-            raise ValueError(f"example {i}: field 'prompt' leaks the privileged text {privileged[:60]!r}; only the "
-                             f"teacher prompt may hold it")
-        if ex.solution and ex.solution.strip() in student_text:
-            raise ValueError(f"example {i}: field 'prompt' leaks the worked solution; only the teacher prompt may "
-                             f"hold it")
-        statements = answer_lines(_text(ex.teacher_prompt))
-        if any(line in student_text for line in statements):
-            raise ValueError(f"example {i}: field 'prompt' leaks the teacher prompt's answer line {statements[-1]!r}")
-        expected = normalize_answer(ex.answer)
-        stated = extract_final_answer(statements[-1]) if statements else None
-        if stated is not None and stated != expected:
-            raise ValueError(f"example {i}: field 'teacher_prompt' states {statements[-1]!r}, the expected answer is "
-                             f"{ex.answer}; fix the privileged solution or the answer")
-        stated = extract_final_answer(ex.solution) if ex.solution else None
-        if stated is not None and stated != expected:
-            raise ValueError(f"example {i}: field 'solution' states Final: {stated}, the expected answer is "
-                             f"{ex.answer}; fix the solution or the answer")
+        if (problem := privileged_problem(ex)) is not None:
+            raise ValueError(f"example {i}: {problem}")
+
+
+def privileged_problem(ex: Example, need_answer: bool = True) -> str | None:
+    """What is wrong with one privileged example ("field ...: ... fix"), or None; `opd.data` checks rows with it.
+
+    A user's file may give teacher prompts without answers (pure OPD): `need_answer=False` skips that rule.
+    """
+    for field in ("prompt", "teacher_prompt"):
+        if not _text(getattr(ex, field)).strip():
+            return (f"field {field!r} is an empty prompt; give the "
+                    f"{'student' if field == 'prompt' else 'teacher'} prompt's messages")
+    if need_answer and not ex.answer.strip():
+        return "field 'answer' is empty; a privileged task needs the expected answer"
+    if ex.teacher_prompt == ex.prompt:
+        return ("field 'teacher_prompt' equals the student prompt; a privileged task needs a richer teacher prompt "
+                "(or use the plain task, e.g. task=gsm8k, for plain distillation)")
+    student_text, privileged = _text(ex.prompt), privileged_text(ex)
+    if _text(ex.teacher_prompt).strip() in student_text:
+        return ("field 'prompt' contains the whole teacher prompt, so nothing is privileged; remove the privileged "
+                "text from the student prompt")
+    if privileged and privileged in student_text:
+        return f"field 'prompt' leaks the privileged text {privileged[:60]!r}; only the teacher prompt may hold it"
+    if ex.solution and ex.solution.strip() in student_text:
+        return "field 'prompt' leaks the worked solution; only the teacher prompt may hold it"
+    statements = answer_lines(_text(ex.teacher_prompt))
+    if any(line in student_text for line in statements):
+        return f"field 'prompt' leaks the teacher prompt's answer line {statements[-1]!r}"
+    if not ex.answer.strip():
+        return None
+    expected = normalize_answer(ex.answer)
+    stated = extract_final_answer(statements[-1]) if statements else None
+    if stated is not None and stated != expected:
+        return (f"field 'teacher_prompt' states {statements[-1]!r}, the expected answer is {ex.answer}; fix the "
+                f"privileged solution or the answer")
+    stated = extract_final_answer(ex.solution) if ex.solution else None
+    if stated is not None and stated != expected:
+        return f"field 'solution' states Final: {stated}, the expected answer is {ex.answer}; fix the solution or the answer"
+    return None
 
 
 def validate_setup(task: str, examples: list[Example], teacher, student, teacher_tokenizer, student_tokenizer) -> None:

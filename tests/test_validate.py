@@ -73,7 +73,9 @@ def test_training_a_privileged_task_validates_its_data_before_the_first_step(tmp
     argv = ["train", "task=gsm8k_privileged", f"data_dir={tmp_path}", f"out_dir={tmp_path / 'run'}", "steps=1",
             "train_size=2", "eval_size=2", "progress=false"]
     assert main(argv) == 2
-    assert "example 1: field 'prompt' leaks the teacher prompt's answer line 'Final: 8'" in capsys.readouterr().err
+    err = capsys.readouterr().err  # the rows are checked by opd.data before any model loads (#19)
+    assert "task gsm8k_privileged (train): 1 bad row of 2" in err
+    assert "row 1: field 'prompt' leaks the teacher prompt's answer line 'Final: 8'" in err
     assert not (tmp_path / "run" / "metrics.jsonl").exists()  # nothing ran
 
 

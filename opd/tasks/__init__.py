@@ -1,30 +1,41 @@
-"""Prompt sources with graders.
+"""Built-in prompt sources with the `Final: <answer>` grader.
 
-Every task yields `Example`s: the student's chat prompt, the teacher's (equal unless the
-task is privileged), the expected answer, and a reference solution that ends in
-`Final: <answer>` (used to pre-train the bundled models and by off-policy baselines).
+Every task produces data rows of the one schema a user's file has (DESIGN.md §7, `opd.data`):
+the student's chat prompt with the reference solution as a trailing assistant turn (ending in
+`Final: <answer>`; it pre-trains the bundled models), a teacher prompt when privileged, the
+answer and an id. `opd.rows.example_from_row` turns each into an `Example`, as for a file.
 """
 
-from opd.tasks.arithmetic import arithmetic_examples
+from opd.tasks.arithmetic import arithmetic_examples, arithmetic_rows
 from opd.tasks.base import FINAL_RE, Example, extract_final_answer, grade, normalize_answer
-from opd.tasks.gsm8k import gsm8k_examples, load_gsm8k
+from opd.tasks.gsm8k import gsm8k_examples, gsm8k_rows, load_gsm8k
 
 __all__ = [
     "FINAL_RE",
     "Example",
     "arithmetic_examples",
+    "arithmetic_rows",
     "extract_final_answer",
     "grade",
     "gsm8k_examples",
+    "gsm8k_rows",
     "load_gsm8k",
     "normalize_answer",
+    "task_rows",
 ]
 
 
-def load_task(name: str, split: str, n: int | None = None, seed: int = 0, data_dir: str | None = None) -> list[Example]:
-    """The one place that maps a task name from a config to its examples."""
+def task_rows(name: str, split: str, n: int | None = None, seed: int = 0, data_dir: str | None = None) -> list[dict]:
+    """The one place that maps a task name from a config to its data rows."""
     if name == "arithmetic":
-        return arithmetic_examples(n or 1000, split=split, seed=seed)
+        return arithmetic_rows(n or 1000, split=split, seed=seed)
     if name in ("gsm8k", "gsm8k_privileged"):
-        return gsm8k_examples(split, n=n, data_dir=data_dir, privileged=name == "gsm8k_privileged")
+        return gsm8k_rows(split, n=n, data_dir=data_dir, privileged=name == "gsm8k_privileged")
     raise ValueError(f"unknown task {name!r}; accepted: 'arithmetic', 'gsm8k', 'gsm8k_privileged'")
+
+
+def load_task(name: str, split: str, n: int | None = None, seed: int = 0, data_dir: str | None = None) -> list[Example]:
+    """A task's examples: its rows through the same conversion as a user's file."""
+    from opd.rows import example_from_row  # opd.rows imports this package
+
+    return [example_from_row(row) for row in task_rows(name, split, n, seed, data_dir)]

@@ -33,7 +33,14 @@ def make_problem(rng: random.Random, max_operand: int = 100) -> tuple[str, str, 
 
 
 def arithmetic_examples(n: int, split: str = "train", seed: int = 0, max_operand: int = 100) -> list[Example]:
-    """`n` distinct problems of one split ('train' or 'test'), deterministic in `seed`."""
+    """`n` distinct problems of one split ('train' or 'test'), deterministic in `seed`, as examples."""
+    from opd.rows import example_from_row  # the one path from a row to an example (opd.rows imports this package)
+
+    return [example_from_row(row) for row in arithmetic_rows(n, split, seed, max_operand)]
+
+
+def arithmetic_rows(n: int, split: str = "train", seed: int = 0, max_operand: int = 100) -> list[dict]:
+    """`n` distinct problems as data rows: the worked solution is the reference (trailing assistant) turn."""
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     rng = random.Random(f"arithmetic-{split}-{seed}")
@@ -44,6 +51,6 @@ def arithmetic_examples(n: int, split: str = "train", seed: int = 0, max_operand
         if _is_test_problem(problem) != want_test or problem in seen:
             continue
         seen.add(problem)
-        prompt = [{"role": "user", "content": problem}]
-        examples.append(Example(prompt=prompt, teacher_prompt=prompt, answer=answer, solution=solution))
+        examples.append({"id": f"arithmetic-{split}-{seed}-{len(examples)}", "answer": answer,
+                         "messages": [{"role": "user", "content": problem}, {"role": "assistant", "content": solution}]})
     return examples

@@ -9,7 +9,7 @@ separators, and numeric equality so that `41.0` equals `41`).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 
 FINAL_RE = re.compile(r"^\s*Final:\s*(.*?)\s*$")
@@ -20,12 +20,20 @@ Messages = list[dict[str, str]]
 
 @dataclass(frozen=True)
 class Example:
-    """One prompt. `teacher_prompt` equals `prompt` unless the task is privileged."""
+    """One prompt row (DESIGN.md §7 "Data rows"). `teacher_prompt` equals `prompt` unless privileged.
+
+    Built-in tasks and user files produce the same rows (`opd.rows.example_from_row`); the last
+    four fields are those a user file may add: a stable id, a teacher route (read and kept for a
+    multi-teacher run) and every other column, which a reward may read.
+    """
 
     prompt: Messages  # the student's chat messages
     teacher_prompt: Messages  # the teacher's chat messages (richer when privileged)
-    answer: str  # the expected final answer, normalized
-    solution: str  # a reference completion ending in `Final: <answer>`
+    answer: str = ""  # the expected final answer ("" = none)
+    solution: str = ""  # a reference completion (a trailing assistant turn; built-ins end it in `Final: <answer>`)
+    id: str = ""  # the row's `id` column, else a hash of its prompts and answer
+    route: str | None = None  # which teacher scores this row: `teacher` > `teacher_id` > `data_source`
+    metadata: dict = field(default_factory=dict, hash=False)  # every other column of the row
 
     @property
     def privileged(self) -> bool:

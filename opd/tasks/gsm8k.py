@@ -14,7 +14,7 @@ from pathlib import Path
 
 from opd.tasks.base import Example, normalize_answer
 
-DEFAULT_DATA_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "gsm8k"
+DEFAULT_DATA_DIR = Path(__file__).resolve().parents[1] / "assets" / "data" / "gsm8k"  # shipped in the package (MIT)
 PRIVILEGED_HEADER = "[Privileged solution, hidden from the student]"
 INSTRUCTION = "Solve step by step. End with a line 'Final: <answer>'."
 _CALC_RE = re.compile(r"<<[^>]*>>")
@@ -60,16 +60,24 @@ def split_solution(answer_field: str) -> tuple[str, str]:
 
 def gsm8k_examples(split: str, n: int | None = None, data_dir: str | Path | None = None, privileged: bool = False) -> list[Example]:
     """The first `n` rows of `split` as examples; the teacher prompt is privileged if asked."""
+    from opd.rows import example_from_row  # the one path from a row to an example (opd.rows imports this package)
+
+    return [example_from_row(row) for row in gsm8k_rows(split, n, data_dir, privileged)]
+
+
+def gsm8k_rows(split: str, n: int | None = None, data_dir: str | Path | None = None, privileged: bool = False) -> list[dict]:
+    """The first `n` rows of `split` as data rows (DESIGN.md §7): the worked solution is the reference turn."""
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     rows = load_gsm8k(Path(data_dir or DEFAULT_DATA_DIR) / f"{split}.jsonl")
-    examples = []
-    for row in rows[:n]:
+    out = []
+    for i, row in enumerate(rows[:n]):
         solution, answer = split_solution(row["answer"])
         question = row["question"].strip()
-        prompt = [{"role": "user", "content": f"{question}\n{INSTRUCTION}"}]
-        teacher_prompt = prompt
+        prompt = f"{question}\n{INSTRUCTION}"
+        out.append({"id": f"gsm8k-{split}-{i}", "answer": answer,
+                    "messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": solution}]})
         if privileged:
-            teacher_prompt = [{"role": "user", "content": f"{question}\n{PRIVILEGED_HEADER}\n{solution}\n{INSTRUCTION}"}]
-        examples.append(Example(prompt=prompt, teacher_prompt=teacher_prompt, answer=answer, solution=solution))
-    return examples
+            privileged_prompt = f"{question}\n{PRIVILEGED_HEADER}\n{solution}\n{INSTRUCTION}"
+            out[-1]["teacher_messages"] = [{"role": "user", "content": privileged_prompt}]
+    return out
