@@ -32,7 +32,7 @@ from opd.models import load_pair
 from opd.rewards import Reward, final_answer, make_reward, reward_name, score
 from opd.rollout import make_rollout_engine
 from opd.teacher import make_teacher_scorer
-from opd.tokenization import render_prompt, vocab_logits
+from opd.tokenization import vocab_logits
 from opd.types import Batch, Rollout
 from opd.validate import validate_setup
 
