@@ -27,12 +27,12 @@ import torch
 from opd import checkpoint, distributed
 from opd.batch import collate
 from opd.config import TrainConfig
+from opd.data import load_data, rendered, resolve_steps
 from opd.logprobs import masked_mean
 from opd.losses import cross_entropy_loss
 from opd.metrics import MetricsWriter
 from opd.models import load_pair
 from opd.rollout import make_rollout_engine
-from opd.data import load_data, rendered, resolve_steps
 from opd.teacher import TeacherScores
 from opd.train import (attach, make_evaluator, make_optimizer, sampled_token_logprobs, step_prompts,
                        train_step)

@@ -20,6 +20,7 @@ import torch
 from opd import checkpoint, distributed
 from opd.batch import collate
 from opd.config import TrainConfig
+from opd.data import epoch_prompts, load_data, rendered, resolve_steps
 from opd.evaluate import Evaluator
 from opd.fused import (active_hidden_states, active_logits, head_weight, linear_jsd_loss, masked_token_logprobs,
                        supports_fused)
@@ -28,11 +29,10 @@ from opd.losses import (generalized_jsd_loss, grpo_advantages, importance_sampli
                         opsm_mask, reverse_kl_advantages, topk_forward_kl_loss)
 from opd.metrics import MetricsWriter
 from opd.models import load_pair
-from opd.rollout import make_rollout_engine
-from opd.data import epoch_prompts, load_data, rendered, resolve_steps
 from opd.rewards import Reward, final_answer, make_reward, reward_name, score
+from opd.rollout import make_rollout_engine
 from opd.teacher import make_teacher_scorer
-from opd.tokenization import render_prompt, vocab_logits
+from opd.tokenization import vocab_logits
 from opd.types import Batch, Rollout
 from opd.validate import validate_setup
 
