@@ -17,7 +17,8 @@ import torch
 from opd.rollout import Sampling
 from opd.rollout.hf import HFRolloutEngine
 from opd.tasks import FINAL_RE, Example, grade
-from opd.teacher.hf import score_tokens
+from opd.teacher import greedy_traces
+from opd.teacher.hf import HFTeacherScorer, score_tokens
 from opd.tokenization import render_prompt
 
 SPANS = ("", "_pre_final", "_final")  # whole trace, before the final answer, the final answer
@@ -73,22 +74,25 @@ def final_answer_span(tokenizer, completion_ids: list[int]) -> tuple[int, int] |
 
 
 class Evaluator:
-    """Held-out metrics of a student against a frozen teacher; the teacher's side is computed once."""
+    """Held-out metrics of a student against a frozen teacher; the teacher's side is computed once.
+
+    `teacher`: an in-process model, or any `TeacherScorer` (a vLLM engine, a served teacher): its greedy
+    traces and their scores come through the scorer protocol, so a remote teacher loads nothing here.
+    """
 
     def __init__(self, teacher, tokenizer, teacher_tokenizer, examples: list[Example], temperature: float,
                  max_new_tokens: int, seed: int = 0):
         self.tokenizer, self.examples, self.temperature = tokenizer, examples, temperature
         self.max_new_tokens, self.seed = max_new_tokens, seed
         self.vocab_size, self.teacher_vocab_size = len(tokenizer), len(teacher_tokenizer)
+        if isinstance(teacher, torch.nn.Module):
+            teacher = HFTeacherScorer(teacher, vocab_size=self.teacher_vocab_size, tokenizer=teacher_tokenizer,
+                                      freeze_model=False)
         self.teacher = teacher
         self.prompts = [render_prompt(tokenizer, ex.prompt) for ex in examples]
         self.teacher_prompts = [render_prompt(teacher_tokenizer, ex.teacher_prompt) for ex in examples]
-        greedy = Sampling(greedy=True, max_new_tokens=max_new_tokens)
-        traces = HFRolloutEngine(teacher, teacher_tokenizer).generate(self.teacher_prompts, 1, greedy, seed=0)
-        self.traces = [r.completion_ids for r in traces]
+        self.traces, teacher_scores = greedy_traces(teacher, self.teacher_prompts, max_new_tokens, temperature)
         self.teacher_accuracy, _ = graded(teacher_tokenizer, self.traces, examples)
-        teacher_scores = score_tokens(teacher, self.teacher_prompts, self.traces, temperature,
-                                      vocab_size=self.teacher_vocab_size)
         self.teacher_nll = [-s.logprobs_R for s in teacher_scores]
         self.spans = [final_answer_span(teacher_tokenizer, t) for t in self.traces]
 
@@ -108,9 +112,9 @@ class Evaluator:
         engine = HFRolloutEngine(student, self.tokenizer)
         sampling = Sampling(temperature=self.temperature, max_new_tokens=self.max_new_tokens)
         rollouts = engine.generate(self.prompts, 1, sampling, seed=self.seed)
-        teacher = score_tokens(self.teacher, [self.teacher_prompts[r.prompt_index] for r in rollouts],
-                               [r.completion_ids for r in rollouts], self.temperature,
-                               vocab_size=self.teacher_vocab_size)
+        for r in rollouts:
+            r.teacher_prompt_ids = self.teacher_prompts[r.prompt_index]
+        teacher = self.teacher.score(rollouts, self.temperature)
         p = torch.cat([torch.tensor(r.sampler_logprobs) for r in rollouts])
         q = torch.cat([s.logprobs_R for s in teacher])
         n = max(p.numel(), 1)
