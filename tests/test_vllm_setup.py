@@ -26,6 +26,13 @@ from opd.rollout import make_rollout_engine
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture(autouse=True)
+def no_multiprocessing_setting(monkeypatch):
+    """Each test starts with VLLM_ENABLE_V1_MULTIPROCESSING unset, and what opd sets is undone afterwards."""
+    monkeypatch.setenv(vllm_setup.MULTIPROCESSING, "")  # records the original value for the restore
+    monkeypatch.delenv(vllm_setup.MULTIPROCESSING)
+
+
 class Worker:
     """What `collective_rpc("reload_weights", ...)` reaches: new vLLM takes weights, old takes none."""
 
@@ -102,7 +109,6 @@ def changed(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def test_multiprocessing_is_set_to_0_once_and_not_restored(monkeypatch, tokenizer, student):
-    monkeypatch.delenv(vllm_setup.MULTIPROCESSING, raising=False)
     built = fake_vllm(monkeypatch)
     from opd.rollout.vllm import VLLMRolloutEngine
 
