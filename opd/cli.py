@@ -43,10 +43,20 @@ def _eval(args: argparse.Namespace) -> dict:
     tokenizer, teacher_tokenizer = load_tokenizer(args.student), load_tokenizer(args.teacher)
     check_tokenizers_compatible(teacher_tokenizer, tokenizer)
     examples = load_task(args.task, "test", args.n, args.seed, args.data_dir)
-    teacher = freeze(load_model(args.teacher, device=args.device))
+    if args.teacher_url:  # a served teacher (#18): its tokenizer and config only, scored over HTTP
+        from transformers import AutoConfig
+
+        from opd.models import resolve
+        from opd.teacher.served import ServedTeacherScorer
+
+        teacher = AutoConfig.from_pretrained(resolve(args.teacher))
+    else:
+        teacher = freeze(load_model(args.teacher, device=args.device))
     student = load_model(args.student, device=args.device)
     student.eval()
     validate_setup(args.task, examples, teacher, student, teacher_tokenizer, tokenizer)
+    if args.teacher_url:
+        teacher = ServedTeacherScorer(args.teacher_url.split(","), args.teacher_model_name or args.teacher)
     evaluator = Evaluator(teacher, tokenizer, teacher_tokenizer, examples, args.temperature, args.max_new_tokens,
                           seed=args.seed)
     metrics = evaluator(student)
@@ -119,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("eval", help="held-out report: teacher-trace gap, accuracies, sampled reverse KL, perplexities")
     p.add_argument("--teacher", default="tiny:teacher", help="model folder, or tiny:teacher")
     p.add_argument("--student", default="tiny:student", help="model folder, or tiny:student")
+    p.add_argument("--teacher-url", default=None, help="score against `vllm serve` here (--teacher: tokenizer+config)")
+    p.add_argument("--teacher-model-name", default=None, help="the served teacher's name (default: --teacher)")
     p.add_argument("--task", default="arithmetic", help="arithmetic, gsm8k or gsm8k_privileged")
     p.add_argument("--data-dir", default=None, help="folder with test.jsonl for the GSM8K tasks")
     p.add_argument("--n", type=int, default=200, help="held-out examples")

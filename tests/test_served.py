@@ -190,3 +190,11 @@ def test_load_pair_loads_the_teacher_in_process_only_for_hf(tmp_path):
     teacher, student, tokenizer, teacher_tokenizer = load_pair(load_config(None, ["teacher_backend=vllm"]))
     assert not isinstance(teacher, torch.nn.Module) and teacher.name_or_path.endswith("tiny/teacher")
     assert len(teacher_tokenizer) == len(load_tokenizer("tiny:teacher"))
+
+
+def test_opd_eval_against_a_served_teacher(url, capsys):
+    from opd.cli import main
+
+    assert main(["eval", "--teacher-url", url, "--teacher-model-name", "tiny-teacher", "--n", "3",
+                 "--max-new-tokens", "6", "--samples", "0"]) == 0
+    assert "teacher-trace gap" in capsys.readouterr().out
