@@ -47,7 +47,7 @@ class TrainConfig:
     rollout_backend: str = "hf"  # "hf" or "vllm"
     teacher_backend: str = "hf"  # "hf" (in-process), "vllm" (in-process engine), "served" (`vllm serve` over HTTP), "none" (pure GRPO)
     teacher_url: str | None = None  # served teacher: base URL(s) of `vllm serve`, comma-separated for several
-    # a teacher that lives elsewhere (#18, #25): with teacher_backend=vllm|served only its tokenizer and config load here
+    # a teacher that lives elsewhere (#18, #25): with teacher_backend=vllm|served only its tokenizer + config load
     teacher_model_name: str | None = None  # served teacher: the name `vllm serve` serves it under (default: `teacher`)
     teacher_timeout_s: float = 300.0  # served teacher: seconds per request attempt (3 retries on timeouts and 5xx)
     # loss

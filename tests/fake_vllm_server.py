@@ -124,7 +124,8 @@ class App:
             choices = []
             for index, (seq, r) in enumerate(zip(prompts, rollouts, strict=True)):
                 echoed = seq[:-1] + [seq[-1] + 1] if mode == "bad_echo" else seq
-                choices.append({"index": index, "text": self.tokenizer.decode(r.completion_ids, skip_special_tokens=True),
+                text = self.tokenizer.decode(r.completion_ids, skip_special_tokens=True)
+                choices.append({"index": index, "text": text,
                                 "logprobs": None, "finish_reason": r.finish_reason, "stop_reason": None,
                                 "token_ids": r.completion_ids if body.get("return_token_ids") else None,
                                 "prompt_logprobs": self.prompt_logprobs(seq, k) if k is not None else None,

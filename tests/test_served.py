@@ -198,3 +198,16 @@ def test_opd_eval_against_a_served_teacher(url, capsys):
     assert main(["eval", "--teacher-url", url, "--teacher-model-name", "tiny-teacher", "--n", "3",
                  "--max-new-tokens", "6", "--samples", "0"]) == 0
     assert "teacher-trace gap" in capsys.readouterr().out
+
+
+def test_a_remote_teachers_config_is_checked_against_its_tokenizer():
+    from transformers import AutoConfig
+
+    from opd.models import resolve
+    from opd.tokenization import check_embedding_covers_tokenizer
+
+    config, tokenizer = AutoConfig.from_pretrained(resolve("tiny:teacher")), load_tokenizer("tiny:teacher")
+    check_embedding_covers_tokenizer(config, tokenizer, "teacher")  # 2048 rows for 2048 tokens
+    config.vocab_size = len(tokenizer) - 1
+    with pytest.raises(ValueError, match="teacher: the model has 2047 output rows but its tokenizer has 2048"):
+        check_embedding_covers_tokenizer(config, tokenizer, "teacher")

@@ -44,7 +44,7 @@ class TeacherScorer(Protocol):
         ...
 
 
-REMOTE_BACKENDS = ("vllm", "served")  # the teacher runs outside this process's torch: only its tokenizer and config load
+REMOTE_BACKENDS = ("vllm", "served")  # the teacher runs outside this process's torch: only tokenizer + config load
 
 
 def greedy_traces(scorer: TeacherScorer, prompts_P: list[list[int]], max_new_tokens: int, temperature: float
