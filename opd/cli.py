@@ -44,10 +44,20 @@ def _eval(args: argparse.Namespace) -> dict:
     source = args.data or args.task or "arithmetic"
     tokenizer, teacher_tokenizer = load_tokenizer(args.student), load_tokenizer(args.teacher)
     check_tokenizers_compatible(teacher_tokenizer, tokenizer)
-    teacher = freeze(load_model(args.teacher, device=args.device))
+    if args.teacher_url:  # a served teacher (#18): its tokenizer and config only, scored over HTTP
+        from transformers import AutoConfig
+
+        from opd.models import resolve
+        from opd.teacher.served import ServedTeacherScorer
+
+        teacher = AutoConfig.from_pretrained(resolve(args.teacher))
+    else:
+        teacher = freeze(load_model(args.teacher, device=args.device))
     student = load_model(args.student, device=args.device)
     student.eval()
     validate_setup(args.task or "arithmetic", examples[:1], teacher, student, teacher_tokenizer, tokenizer)
+    if args.teacher_url:
+        teacher = ServedTeacherScorer(args.teacher_url.split(","), args.teacher_model_name or args.teacher)
     evaluator = Evaluator(teacher, tokenizer, teacher_tokenizer, examples, args.temperature, args.max_new_tokens,
                           seed=args.seed, reward=reward)
     metrics = evaluator(student)
@@ -129,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("eval", help="held-out report: teacher-trace gap, accuracies, sampled reverse KL, perplexities")
     p.add_argument("--teacher", default="tiny:teacher", help="model folder, or tiny:teacher")
     p.add_argument("--student", default="tiny:student", help="model folder, or tiny:student")
+    p.add_argument("--teacher-url", default=None, help="score against `vllm serve` here (--teacher: tokenizer+config)")
+    p.add_argument("--teacher-model-name", default=None, help="the served teacher's name (default: --teacher)")
     p.add_argument("--task", default=None, help="arithmetic (default), gsm8k or gsm8k_privileged")
     p.add_argument("--data-dir", default=None, help="folder with test.jsonl for the GSM8K tasks")
     p.add_argument("--data", default=None, help="your own rows instead of --task: .jsonl/.json/.parquet/.csv, "

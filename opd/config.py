@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from opd.rollout import Sampling
+from opd.vllm_setup import check_temperature
 
 LOSSES = ("reverse_kl", "topk_kl", "jsd")
 SCHEDULES = ("constant", "cosine", "linear")
@@ -56,6 +57,9 @@ class TrainConfig:
     rollout_backend: str = "hf"  # "hf" or "vllm"
     teacher_backend: str = "hf"  # "hf" (in-process), "vllm" (in-process engine), "served" (`vllm serve` over HTTP), "none" (pure GRPO)
     teacher_url: str | None = None  # served teacher: base URL(s) of `vllm serve`, comma-separated for several
+    # a teacher that lives elsewhere (#18, #25): with teacher_backend=vllm|served only its tokenizer + config load
+    teacher_model_name: str | None = None  # served teacher: the name `vllm serve` serves it under (default: `teacher`)
+    teacher_timeout_s: float = 300.0  # served teacher: seconds per request attempt (3 retries on timeouts and 5xx)
     # loss
     loss: str = "reverse_kl"  # sampled-token reverse KL (IS policy gradient), "topk_kl" or "jsd"
     kl_coef: float = 1.0  # c (pure OPD) or λ (OPD + task reward) on the per-token reverse-KL advantage
@@ -146,6 +150,16 @@ class TrainConfig:
             if self.loss != "reverse_kl":
                 raise ValueError("top_k/top_p truncation is only supported with loss=reverse_kl: the divergence "
                                  "losses compare full distributions, which truncation would make undefined")
+        # vLLM backends (#25): what vLLM would refuse at the first step, refused before any model loads
+        if self.rollout_backend == "vllm":
+            check_temperature(self.temperature, "temperature (rollout_backend=vllm)")
+        scored_at = {self.temperature} | ({self.divergence_temperature} if self.loss == "topk_kl" else set())
+        if self.teacher_backend == "served" and scored_at != {1.0}:
+            raise ValueError(f"teacher_backend=served scores at temperature 1 only (vLLM's prompt logprobs are of the "
+                             f"raw logits), got temperature={self.temperature}, loss_temperature="
+                             f"{self.loss_temperature}; set both to 1.0, or use teacher_backend=hf")
+        if self.teacher_timeout_s <= 0:
+            raise ValueError(f"teacher_timeout_s must be > 0, got {self.teacher_timeout_s}")
         if self.fsdp and self.rollout_backend != "hf":
             raise ValueError("fsdp=true needs rollout_backend=hf: syncing a sharded student's weights into vLLM "
                              "is not implemented; use fsdp=false with vLLM")

@@ -21,7 +21,8 @@ from opd.rollout import Sampling
 from opd.rollout.hf import HFRolloutEngine
 from opd.rewards import Reward, final_answer, score
 from opd.tasks import FINAL_RE, Example
-from opd.teacher.hf import score_tokens
+from opd.teacher import greedy_traces
+from opd.teacher.hf import HFTeacherScorer, score_tokens
 from opd.tokenization import render_prompt
 
 SPANS = ("", "_pre_final", "_final")  # whole trace, before the final answer, the final answer
@@ -80,23 +81,27 @@ def final_answer_span(tokenizer, completion_ids: list[int]) -> tuple[int, int] |
 
 
 class Evaluator:
-    """Held-out metrics of a student against a frozen teacher; the teacher's side is computed once."""
+    """Held-out metrics of a student against a frozen teacher; the teacher's side is computed once.
+
+    `teacher`: an in-process model, or any `TeacherScorer` (a vLLM engine, a served teacher): its greedy
+    traces and their scores come through the scorer protocol, so a remote teacher loads nothing here.
+    """
 
     def __init__(self, teacher, tokenizer, teacher_tokenizer, examples: list[Example], temperature: float,
                  max_new_tokens: int, seed: int = 0, reward: Reward | None = final_answer):
         self.tokenizer, self.examples, self.temperature, self.reward = tokenizer, examples, temperature, reward
         self.max_new_tokens, self.seed = max_new_tokens, seed
         self.vocab_size, self.teacher_vocab_size = len(tokenizer), len(teacher_tokenizer)
+        if isinstance(teacher, torch.nn.Module):
+            teacher = HFTeacherScorer(teacher, vocab_size=self.teacher_vocab_size, tokenizer=teacher_tokenizer,
+                                      freeze_model=False)
         self.teacher = teacher
         self.prompts = [render_prompt(tokenizer, ex.prompt) for ex in examples]
         self.teacher_prompts = [render_prompt(teacher_tokenizer, ex.teacher_prompt) for ex in examples]
-        greedy = Sampling(greedy=True, max_new_tokens=max_new_tokens)
-        traces = HFRolloutEngine(teacher, teacher_tokenizer).generate(self.teacher_prompts, 1, greedy, seed=0)
-        self.traces = [r.completion_ids for r in traces]
-        self.truncated = [r.finish_reason == "length" for r in traces]
+        self.traces, teacher_scores = greedy_traces(teacher, self.teacher_prompts, max_new_tokens, temperature)
+        # a trace that used the whole budget without a stop token was cut off: no final-answer span on it
+        self.truncated = [len(t) >= max_new_tokens and t[-1] != teacher_tokenizer.eos_token_id for t in self.traces]
         self.teacher_accuracy, self.trace_texts = graded(teacher_tokenizer, self.traces, examples, reward)
-        teacher_scores = score_tokens(teacher, self.teacher_prompts, self.traces, temperature,
-                                      vocab_size=self.teacher_vocab_size)
         self.teacher_nll = [-s.logprobs_R for s in teacher_scores]
         self.spans = [final_answer_span(teacher_tokenizer, t) if reward is not None and ex.answer and not cut else None
                       for t, ex, cut in zip(self.traces, examples, self.truncated, strict=True)]
@@ -130,9 +135,9 @@ class Evaluator:
         engine = HFRolloutEngine(student, self.tokenizer)
         sampling = Sampling(temperature=self.temperature, max_new_tokens=self.max_new_tokens)
         rollouts = engine.generate(self.prompts, 1, sampling, seed=self.seed)
-        teacher = score_tokens(self.teacher, [self.teacher_prompts[r.prompt_index] for r in rollouts],
-                               [r.completion_ids for r in rollouts], self.temperature,
-                               vocab_size=self.teacher_vocab_size)
+        for r in rollouts:
+            r.teacher_prompt_ids = self.teacher_prompts[r.prompt_index]
+        teacher = self.teacher.score(rollouts, self.temperature)
         p = torch.cat([torch.tensor(r.sampler_logprobs) for r in rollouts])
         q = torch.cat([s.logprobs_R for s in teacher])
         n = max(p.numel(), 1)

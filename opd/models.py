@@ -10,8 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from opd.teacher import REMOTE_BACKENDS
 from opd.teacher.hf import freeze
 from opd.tokenization import check_tokenizers_compatible
 
@@ -47,10 +48,16 @@ def load_tokenizer(path: str):
 
 
 def load_pair(config) -> tuple[torch.nn.Module, torch.nn.Module, object, object]:
-    """(frozen teacher, trainable student, student tokenizer, teacher tokenizer)."""
+    """(frozen teacher, trainable student, student tokenizer, teacher tokenizer).
+
+    A teacher that runs elsewhere (teacher_backend=vllm|served, #18) is its config only: no weights load here.
+    """
     tokenizer, teacher_tokenizer = load_tokenizer(config.student), load_tokenizer(config.teacher)
     check_tokenizers_compatible(teacher_tokenizer, tokenizer)
-    teacher = freeze(load_model(config.teacher, config.dtype, config.device))
+    if config.teacher_backend in REMOTE_BACKENDS:
+        teacher = AutoConfig.from_pretrained(resolve(config.teacher))
+    else:
+        teacher = freeze(load_model(config.teacher, config.dtype, config.device))
     student = load_model(config.student, config.dtype, config.device)
     student.train()
     return teacher, student, tokenizer, teacher_tokenizer

@@ -64,9 +64,15 @@ def vocab_logits(logits_lead_V: torch.Tensor, vocab_size: int | None) -> torch.T
     return logits_lead_V[..., :vocab_size]
 
 
-def check_embedding_covers_tokenizer(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, name: str) -> None:
-    """Raise unless the model has an output row for every token id (more rows, a padded vocabulary, are fine)."""
-    rows = model.get_output_embeddings().weight.shape[0]
+def check_embedding_covers_tokenizer(model, tokenizer: PreTrainedTokenizerBase, name: str) -> None:
+    """Raise unless the model has an output row for every token id (more rows, a padded vocabulary, are fine).
+
+    `model`: a loaded model, or only its config (a teacher served elsewhere): then `vocab_size` counts the rows.
+    """
+    if isinstance(model, torch.nn.Module):
+        rows = model.get_output_embeddings().weight.shape[0]
+    else:
+        rows = model.get_text_config().vocab_size
     if rows < len(tokenizer):
         raise ValueError(f"{name}: the model has {rows} output rows but its tokenizer has {len(tokenizer)} tokens; "
                          f"resize the embedding (model.resize_token_embeddings(len(tokenizer))) and save it")

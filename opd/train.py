@@ -56,9 +56,11 @@ def train(config: TrainConfig) -> Path:
         distributed.shard_model(student)
     validate_setup(config.task, examples[:1], teacher, student, teacher_tokenizer, tokenizer)  # rows: load_data
     prompts, teacher_prompts = rendered(tokenizer, examples), rendered(teacher_tokenizer, examples, teacher=True)
-    engine = make_rollout_engine(config.rollout_backend, student, tokenizer)
-    scorer = make_teacher_scorer(config.teacher_backend, teacher, url=config.teacher_url, name=config.teacher,
-                                 vocab_size=len(teacher_tokenizer))
+    engine = make_rollout_engine(config.rollout_backend, student, tokenizer, seed=config.seed)
+    scorer = make_teacher_scorer(config.teacher_backend, teacher, url=config.teacher_url,
+                                 name=config.teacher_model_name or config.teacher, vocab_size=len(teacher_tokenizer),
+                                 tokenizer=teacher_tokenizer, seed=config.seed, dtype=config.dtype,
+                                 timeout_s=config.teacher_timeout_s)
     optimizer, scheduler = make_optimizer(student, config)
 
     start_step = 0
@@ -67,7 +69,9 @@ def train(config: TrainConfig) -> Path:
         engine.load_weights(student)
     plain_student = distributed.unsharded(student, d)  # rank 0's view for eval and saving (a collective under FSDP)
     if d.main:  # only rank 0 evaluates, logs and saves
-        evaluate = make_evaluator(config, teacher, tokenizer, teacher_tokenizer, eval_examples, examples)
+        # a teacher that lives elsewhere is only its config here: it evaluates through its scorer (#18)
+        evaluator_teacher = teacher if isinstance(teacher, torch.nn.Module) else scorer
+        evaluate = make_evaluator(config, evaluator_teacher, tokenizer, teacher_tokenizer, eval_examples, examples)
         writer = MetricsWriter(run_dir, config, start_step)
         if start_step == 0:
             writer.log(0, evaluate(plain_student), samples=True)

@@ -44,7 +44,9 @@ class RolloutEngine(Protocol):
         ...
 
 
-def make_rollout_engine(backend: str, model: torch.nn.Module, tokenizer, batch_size: int = 256) -> RolloutEngine:
+def make_rollout_engine(backend: str, model: torch.nn.Module, tokenizer, batch_size: int = 256,
+                        seed: int = 0) -> RolloutEngine:
+    """`seed`: the run's seed, for engines that take one at construction (vLLM re-seeds the process with it)."""
     if backend == "hf":
         from opd.rollout.hf import HFRolloutEngine
 
@@ -52,5 +54,5 @@ def make_rollout_engine(backend: str, model: torch.nn.Module, tokenizer, batch_s
     if backend == "vllm":
         from opd.rollout.vllm import VLLMRolloutEngine  # optional dependency, GPU only
 
-        return VLLMRolloutEngine(model, tokenizer)
+        return VLLMRolloutEngine(model, tokenizer, seed=seed)
     raise ValueError(f"unknown rollout backend {backend!r}; accepted: 'hf', 'vllm'")

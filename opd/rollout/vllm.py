@@ -1,25 +1,25 @@
 """The vLLM rollout engine: the student samples with `vllm.LLM`, imported lazily (GPU only).
 
-Facts relied on (vLLM source):
+Facts relied on (vLLM source, main branch of 2026-11, the 0.33 line; engine set-up rules in
+opd/vllm_setup.py):
 - `logprobs_mode="processed_logprobs"` (EngineArgs, vLLM >= 0.10.2) returns logprobs of
   the distribution really sampled: after logits processors (min_tokens, ...), temperature
-  and top-k/top-p (`Sampler.sample` and `TopKTopPSampler.forward_native`,
-  `vllm/v1/sample/`). The default `raw_logprobs` ignores all of them, so without the mode
-  only τ = 1 with no truncation and no min_tokens is allowed (DESIGN.md §4).
+  and top-k/top-p (`vllm/v1/sample/sampler.py::Sampler`, `vllm/v1/sample/ops/topk_topp_sampler.py`).
+  The default `raw_logprobs` ignores all of them, so without the mode only τ = 1 with no
+  truncation and no min_tokens is allowed (DESIGN.md §4).
 - `logprobs=k` gives, per generated token, a dict that always holds the sampled token
   ("the API will always return the log probability of the sampled token",
-  `SamplingParams.logprobs`).
+  `SamplingParams.logprobs`, `vllm/sampling_params.py`).
 - the eos token is appended to the output before the stop check and stays in
   `CompletionOutput.token_ids`; a stop from `stop_token_ids` (e.g. extra eos ids of
   generation_config.json) sets `stop_reason` to that id (`check_stop`,
   `vllm/v1/core/sched/utils.py`). `skip_special_tokens` only affects the text.
 - `SamplingParams.top_k` disables truncation with -1 in old versions and 0 in new ones
   (where -1 is still accepted); we use the installed default.
-- weights: `LLM.apply_model(fn)` runs `fn(model)` in each worker; `model.load_weights`
-  takes `(hf_name, tensor)` pairs and returns the loaded parameter names, which vLLM's
-  own loader checks against `named_parameters()` (`model_loader/default_loader.py`).
-  The engine runs in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0, as TRL's colocate mode)
-  so `fn` and the weights are not pickled.
+- n samples of one request are seeded `seed + j` (`vllm/v1/engine/parallel_sampling.py`).
+- weights: `opd.vllm_setup.push_weights` (reload_weights, else apply_model). The engine runs
+  in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0, as TRL's colocate mode) so the weights are not
+  pickled.
 """
 
 from __future__ import annotations
@@ -28,10 +28,10 @@ import dataclasses
 import math
 import os
 from collections.abc import Mapping, Sequence
-from contextlib import contextmanager
 
 import torch
 
+from opd import vllm_setup
 from opd.rollout import Sampling
 from opd.types import Rollout
 
@@ -87,34 +87,26 @@ def request_seed(seed: int, prompt_index: int, n: int) -> int:
     return (seed * 1_000_003 + prompt_index * n) % (2**62)
 
 
-@contextmanager
-def _env_default(name: str, value: str):
-    """Set `name` for the duration unless the user set it."""
-    if name in os.environ:
-        yield
-        return
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        os.environ.pop(name, None)
-
-
 class VLLMRolloutEngine:
     """Samples with an in-process `vllm.LLM` built from the student's folder; `load_weights` pushes the trained weights.
 
     `model_path_or_model`: a folder, or the HF student itself (its `name_or_path` is loaded,
-    then its current weights pushed, and its dtype used unless `dtype` is given). Extra
-    keyword arguments go to `vllm.LLM`.
+    then its current weights pushed, and its dtype used unless `dtype` is given). `seed`: the
+    run's seed (vLLM re-seeds this process's RNGs with it when the engine starts; the loop builds
+    engines before a resume restores the RNG states, so resume stays exact). Extra keyword
+    arguments go to `vllm.LLM`.
     """
 
     def __init__(self, model_path_or_model, tokenizer, *, gpu_memory_utilization: float = 0.3,
                  dtype: str | None = None, max_model_len: int | None = None, seed: int = 0, **llm_kwargs):
         try:
+            import vllm
             from vllm import LLM, SamplingParams
             from vllm.engine.arg_utils import EngineArgs
         except ImportError as error:
             raise ImportError(_INSTALL) from error
+        if hasattr(vllm, "__version__"):  # a stand-in module in tests has none
+            vllm_setup.check_vllm_version(vllm.__version__)
         self._sampling_params_cls = SamplingParams
         self.eos_id = tokenizer.eos_token_id
         if self.eos_id is None:
@@ -129,10 +121,12 @@ class VLLMRolloutEngine:
         if llm_kwargs.get("logprobs_mode", "processed_logprobs") != "processed_logprobs":
             raise ValueError(f"logprobs_mode={llm_kwargs['logprobs_mode']!r}: sampler logprobs must be "
                              "'processed_logprobs' (those of the distribution sampled)")
-        with _env_default("VLLM_ENABLE_V1_MULTIPROCESSING", "0"):
-            self.llm = LLM(model=path, dtype=dtype, gpu_memory_utilization=gpu_memory_utilization,
-                           max_model_len=max_model_len, seed=seed, **llm_kwargs)
+        vllm_setup.engines_in_process(True, vllm_setup.vllm_reads_multiprocessing)
+        llm_kwargs |= vllm_setup.engine_kwargs(seed, vllm_setup.world_size(), llm_kwargs)
+        self.llm = LLM(model=path, dtype=dtype, gpu_memory_utilization=gpu_memory_utilization,
+                       max_model_len=max_model_len, **llm_kwargs)
         self.top_k_off = SamplingParams().top_k  # -1 in old vLLM, 0 in new
+        self.sync_path = None  # "reload_weights" or "apply_model", once weights were pushed
         if module is not None:
             self.load_weights(module)
 
@@ -171,19 +165,8 @@ class VLLMRolloutEngine:
 
     @torch.no_grad()
     def load_weights(self, model: torch.nn.Module) -> None:
-        """Copy `model`'s weights into the engine, check every engine parameter was written, drop stale KV cache."""
+        """Copy `model`'s weights into the engine (`vllm_setup.push_weights`), then drop the stale KV cache."""
         weights = [(name, tensor.detach()) for name, tensor in model.state_dict().items()]
-        if not hasattr(self.llm, "apply_model"):
-            raise RuntimeError("this vLLM has no LLM.apply_model (added in vLLM 0.9); install vllm>=0.10.2")
-
-        def load(vllm_model: torch.nn.Module) -> list[str]:
-            loaded = vllm_model.load_weights(weights)
-            if loaded is None:  # a model without loaded-weights tracking: nothing to check
-                return []
-            return sorted({name for name, _ in vllm_model.named_parameters()} - set(loaded))
-
-        for missing in self.llm.apply_model(load):
-            if missing:
-                raise RuntimeError(f"load_weights left {len(missing)} vLLM parameters unwritten, e.g. {missing[:5]}; "
-                                   "the student's state_dict names do not match the vLLM model")
+        self.sync_path = vllm_setup.push_weights(self.llm, weights, vllm_setup.is_quantized(self.llm))
         self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+

@@ -39,6 +39,30 @@ class TeacherScorer(Protocol):
         """Teacher logprobs at `temperature` of each rollout's completion under its teacher prompt (None: no teacher)."""
         ...
 
+    def generate_greedy(self, prompts_P: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+        """The teacher's greedy completion of each prompt (token ids, a generated eos kept), for evaluation."""
+        ...
+
+
+REMOTE_BACKENDS = ("vllm", "served")  # the teacher runs outside this process's torch: only tokenizer + config load
+
+
+def greedy_traces(scorer: TeacherScorer, prompts_P: list[list[int]], max_new_tokens: int, temperature: float
+                  ) -> tuple[list[list[int]], list[TeacherScores]]:
+    """(the teacher's greedy trace of each prompt, the teacher's scores of that trace at `temperature`).
+
+    The trace is scored by `score`, as training scores samples, rather than read from the decoder's
+    own logprobs: a greedy decoder's logprobs are of no tempered distribution, and a server's depend on
+    its `--logprobs-mode`.
+    """
+    traces = scorer.generate_greedy(prompts_P, max_new_tokens)
+    if len(traces) != len(prompts_P) or not all(traces):
+        raise ValueError(f"the teacher returned {len(traces)} greedy traces for {len(prompts_P)} prompts, "
+                         f"lengths {[len(t) for t in traces]} (each needs >= 1 token)")
+    rollouts = [Rollout(prompt_ids=p, completion_ids=t, sampler_logprobs=[0.0] * len(t), finish_reason="length",
+                        prompt_index=i) for i, (p, t) in enumerate(zip(prompts_P, traces, strict=True))]
+    return traces, scorer.score(rollouts, temperature)
+
 
 class NoTeacher:
     """Pure RL (GRPO on the task reward): no teacher is run, so there is no teacher signal to log or train on.
@@ -51,26 +75,33 @@ class NoTeacher:
     def score(self, rollouts: list[Rollout], temperature: float, topk: int = 0, full_logits: bool = False) -> None:
         return None
 
+    def generate_greedy(self, prompts_P: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+        raise ValueError("teacher_backend=none runs no teacher, so it has no greedy traces to evaluate against")
 
-def make_teacher_scorer(backend: str, model: torch.nn.Module, batch_size: int = 64, url: str | None = None,
-                        name: str | None = None, vocab_size: int | None = None) -> TeacherScorer:
-    """`url`, `name`: for the served teacher, the `vllm serve` base URL(s) and its served model name.
 
-    `vocab_size`: the teacher tokenizer's length; the in-process teacher forms its distributions over
-    those ids only (a padded embedding's extra rows are no tokens, DESIGN.md §5).
+def make_teacher_scorer(backend: str, model, batch_size: int = 64, url: str | None = None,
+                        name: str | None = None, vocab_size: int | None = None, tokenizer=None, seed: int = 0,
+                        dtype: str | None = None, timeout_s: float = 300.0) -> TeacherScorer:
+    """`model`: the frozen in-process teacher ('hf'), or for the remote backends its folder or its loaded
+    config (`models.load_pair` loads no weights for them). `url`, `name`: for the served teacher, the
+    `vllm serve` base URL(s) and its served model name. `vocab_size`: the teacher tokenizer's length; the
+    in-process teacher forms its distributions over those ids only (a padded embedding's extra rows are
+    no tokens, DESIGN.md §5). `tokenizer`: the teacher's, for its greedy traces. `seed`, `dtype`: the
+    in-process vLLM engine's.
     """
     if backend == "none":
         return NoTeacher()
     if backend == "hf":
         from opd.teacher.hf import HFTeacherScorer
 
-        return HFTeacherScorer(model, batch_size=batch_size, vocab_size=vocab_size)
+        return HFTeacherScorer(model, batch_size=batch_size, vocab_size=vocab_size, tokenizer=tokenizer)
     if backend == "vllm":
         from opd.teacher.vllm import VLLMTeacherScorer  # optional dependency, GPU only
 
-        return VLLMTeacherScorer(model)
+        path = model if isinstance(model, str | torch.nn.Module) else model.name_or_path  # a config: its folder
+        return VLLMTeacherScorer(path, dtype=dtype, seed=seed)
     if backend == "served":
         from opd.teacher.served import ServedTeacherScorer
 
-        return ServedTeacherScorer(url.split(","), model_name=name)
+        return ServedTeacherScorer(url.split(","), model_name=name, timeout_s=timeout_s)
     raise ValueError(f"unknown teacher backend {backend!r}; accepted: 'hf', 'vllm', 'served', 'none'")

@@ -105,13 +105,26 @@ class HFTeacherScorer:
     """Scores with a frozen in-process model; applies any temperature exactly.
 
     `vocab_size`: the teacher tokenizer's length (DESIGN.md §5); None scores over every output row.
+    `tokenizer`: the teacher's, needed only for `generate_greedy` (its eos and pad ids). `freeze_model`:
+    False leaves the module's mode and gradients as they are (an evaluator borrowing a model).
     """
 
-    def __init__(self, model: torch.nn.Module, batch_size: int = 64, vocab_size: int | None = None):
-        self.model = freeze(model)
-        self.batch_size, self.vocab_size = batch_size, vocab_size
+    def __init__(self, model: torch.nn.Module, batch_size: int = 64, vocab_size: int | None = None, tokenizer=None,
+                 freeze_model: bool = True):
+        self.model = freeze(model) if freeze_model else model
+        self.batch_size, self.vocab_size, self.tokenizer = batch_size, vocab_size, tokenizer
 
     def score(self, rollouts: list[Rollout], temperature: float, topk: int = 0, full_logits: bool = False) -> list[TeacherScores]:
         return score_tokens(self.model, [r.teacher_prompt_ids for r in rollouts], [r.completion_ids for r in rollouts],
                             temperature, topk=topk, full_logits=full_logits, batch_size=self.batch_size,
                             vocab_size=self.vocab_size)
+
+    def generate_greedy(self, prompts_P: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+        from opd.rollout import Sampling
+        from opd.rollout.hf import HFRolloutEngine
+
+        if self.tokenizer is None:
+            raise ValueError("HFTeacherScorer needs the teacher's tokenizer for greedy traces (tokenizer=...)")
+        greedy = Sampling(greedy=True, max_new_tokens=max_new_tokens)
+        rollouts = HFRolloutEngine(self.model, self.tokenizer).generate(prompts_P, 1, greedy, seed=0)
+        return [r.completion_ids for r in rollouts]

@@ -1,18 +1,20 @@
 """The vLLM teacher: `prompt_logprobs` over `teacher_prompt_ids + completion_ids`, one generated token.
 
 The parsing helpers here import nothing from vLLM, so they run (and are tested) on CPU;
-`VLLMTeacherScorer` imports vLLM lazily. Facts relied on (vLLM source and docs, 0.9 to 0.20):
+`VLLMTeacherScorer` imports vLLM lazily. Facts relied on (vLLM source, main branch of 2026-11,
+the 0.33 line; engine set-up rules in opd/vllm_setup.py):
 - `RequestOutput.prompt_logprobs` has one row per prompt token and the first is `None`
-  ("logprob of first prompt token is None", `vllm/v1/engine/logprobs.py`); row `i` is
-  `dict[int, Logprob(logprob, rank, decoded_token)]` for token `i`. It always holds the
-  prompt token itself plus the top `prompt_logprobs` tokens (ranks 1..K), so `K = 0`
-  returns just the prompt token (`Sampler.gather_logprobs`, `vllm/v1/sample/sampler.py`).
+  ("logprob of first prompt token is None", `vllm/v1/engine/logprobs.py::LogprobsProcessor`);
+  row `i` is `dict[int, Logprob(logprob, rank, decoded_token)]` (`vllm/logprobs.py`) for token `i`.
+  It always holds the prompt token itself plus the top `prompt_logprobs` tokens (ranks 1..K),
+  so `K = 0` returns just the prompt token (`Sampler.gather_logprobs`, `vllm/v1/sample/sampler.py`).
 - prompt logprobs are `log_softmax` of the RAW logits: `SamplingParams.temperature` and
   `logprobs_mode=processed_*` do not apply to them (vllm PR #47680: "processed logprobs
   is not apply to prompt logprobs"); a `prompt_logprobs_temperature` field is proposed in
   vllm PR #37082 (open). Hence DESIGN.md §4: τ ≠ 1 is refused unless that field exists.
+- `SamplingParams(prompt_logprobs=K)` above the engine's `max_logprobs` (default 20) is an error.
 - the OpenAI server clamps `-inf` prompt logprobs to `-9999.0` (`clamp_prompt_logprobs`,
-  `vllm/entrypoints/openai/serving_engine.py`); we map it back to `-inf`.
+  `vllm/entrypoints/openai/engine/serving.py`, formerly `serving_engine.py`); we map it back to `-inf`.
 """
 
 from __future__ import annotations
@@ -20,10 +22,10 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from opd import vllm_setup
 from opd.teacher import TeacherScores
 from opd.types import Rollout
 
@@ -165,18 +167,23 @@ class VLLMTeacherScorer:
 
     `model_path_or_model`: a folder, or a loaded HF model (its `name_or_path` is loaded, in
     its dtype unless `dtype` is given); `llms`: ready `vllm.LLM` engines to use instead.
+    `seed`: the run's seed (vLLM re-seeds this process's RNGs with it at start-up).
     Extra keyword arguments go to `vllm.LLM` (`max_logprobs=K` for a top-k above 20).
     Prefix caching is off by default: prompt logprobs are needed for every token, which
-    older vLLM refuses with caching on.
+    older vLLM refuses with caching on. Several engines run one after another: in one process
+    they share vLLM's global forward context (`vllm/forward_context.py`), so threads would race on it.
     """
 
     def __init__(self, model_path_or_model, *, llms: list | None = None, gpu_memory_utilization: float = 0.3,
-                 dtype: str | None = None, max_model_len: int | None = None, **llm_kwargs):
+                 dtype: str | None = None, max_model_len: int | None = None, seed: int = 0, **llm_kwargs):
         try:
+            import vllm
             from vllm import LLM, SamplingParams
         except ImportError as error:
             raise ImportError("the vLLM teacher backend needs vLLM: `pip install opd[vllm]` (GPU only), "
                               "or use teacher_backend='hf'") from error
+        if hasattr(vllm, "__version__"):  # a stand-in module in tests has none
+            vllm_setup.check_vllm_version(vllm.__version__)
         self._sampling_params_cls = SamplingParams
         if llms is None:
             module = None if isinstance(model_path_or_model, str | os.PathLike) else model_path_or_model
@@ -184,6 +191,8 @@ class VLLMTeacherScorer:
             if dtype is None:  # vLLM's "auto" would run a float32 checkpoint in float16
                 dtype = "auto" if module is None else str(next(module.parameters()).dtype).removeprefix("torch.")
             llm_kwargs.setdefault("enable_prefix_caching", False)
+            vllm_setup.engines_in_process(False)
+            llm_kwargs |= vllm_setup.engine_kwargs(seed, vllm_setup.world_size(), llm_kwargs)
             llms = [LLM(model=str(path), dtype=dtype, gpu_memory_utilization=gpu_memory_utilization,
                         max_model_len=max_model_len, **llm_kwargs)]
         if not llms:
@@ -194,7 +203,14 @@ class VLLMTeacherScorer:
                 raise ValueError(f"a teacher engine has logprobs_mode={mode!r}; prompt logprobs would be logits")
         self.llms = llms
         self.max_model_lens = [llm.llm_engine.model_config.max_model_len for llm in llms]
+        self.max_logprobs = [getattr(llm.llm_engine.model_config, "max_logprobs", None) for llm in llms]
         self.prompt_temperature_supported = hasattr(SamplingParams(), "prompt_logprobs_temperature")
+
+    def _check_lengths(self, seqs: list[list[int]], extra: int) -> None:
+        for row, seq in enumerate(seqs):
+            if len(seq) + extra > min(self.max_model_lens):
+                raise ValueError(f"row {row}: {len(seq)} tokens + {extra} generated exceed the teacher engine's "
+                                 f"max_model_len={min(self.max_model_lens)}")
 
     def score(self, rollouts: list[Rollout], temperature: float, topk: int = 0, full_logits: bool = False
               ) -> list[TeacherScores]:
@@ -202,29 +218,40 @@ class VLLMTeacherScorer:
             raise ValueError("the vLLM teacher cannot return full-vocabulary logits; use teacher_backend='hf' "
                              "for full-vocabulary losses")
         check_prompt_logprob_temperature(temperature, self.prompt_temperature_supported)
+        limit = min((m for m in self.max_logprobs if m is not None and m >= 0), default=None)
+        if limit is not None and topk > limit:
+            raise ValueError(f"topk={topk} exceeds the teacher engine's max_logprobs={limit}; build it with "
+                             f"max_logprobs={topk} (VLLMTeacherScorer(..., max_logprobs={topk})) or lower topk")
         seqs = [r.teacher_prompt_ids + r.completion_ids for r in rollouts]
-        for row, seq in enumerate(seqs):
-            if len(seq) + 1 > min(self.max_model_lens):  # + the one token vLLM must generate
-                raise ValueError(f"row {row}: teacher prompt + completion is {len(seq)} tokens; with the one "
-                                 f"generated token it exceeds max_model_len={min(self.max_model_lens)}")
+        self._check_lengths(seqs, 1)  # + the one token vLLM must generate
         extra = {"prompt_logprobs_temperature": temperature} if temperature != 1.0 else {}
         params = self._sampling_params_cls(max_tokens=1, temperature=1.0, prompt_logprobs=topk, detokenize=False,
                                            **extra)
-        parts = split_by_tokens([len(s) for s in seqs], len(self.llms))
-        run = lambda i: self._generate(self.llms[i], [seqs[j] for j in parts[i]], params)  # noqa: E731
-        if len(parts) <= 1:  # one engine: stay on this thread
-            outputs = [run(i) for i in range(len(parts))]
-        else:  # engines run in their own processes; threads only wait on them
-            with ThreadPoolExecutor(max_workers=len(parts)) as pool:
-                outputs = list(pool.map(run, range(len(parts))))
         scores = []
-        for part, part_outputs in zip(parts, outputs, strict=True):
-            for row, output in zip(part, part_outputs, strict=True):
-                if list(output.prompt_token_ids) != seqs[row]:
-                    raise ValueError(f"row {row}: vLLM scored other prompt tokens than were sent")
-                scores.append(parse_prompt_logprobs(output.prompt_logprobs, seqs[row],
-                                                    len(rollouts[row].teacher_prompt_ids), topk, row=row))
+        for row, seq, output in zip(range(len(seqs)), seqs, self._generate_all(seqs, params), strict=True):
+            if list(output.prompt_token_ids) != seq:
+                raise ValueError(f"row {row}: vLLM scored other prompt tokens than were sent")
+            scores.append(parse_prompt_logprobs(output.prompt_logprobs, seq, len(rollouts[row].teacher_prompt_ids),
+                                                topk, row=row))
         return scores
+
+    def generate_greedy(self, prompts_P: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+        """Greedy completions; vLLM stops on the tokenizer's eos and generation_config's eos ids, and keeps them."""
+        self._check_lengths(prompts_P, max_new_tokens)
+        params = self._sampling_params_cls(max_tokens=max_new_tokens, temperature=0.0, detokenize=False)
+        traces = []
+        for row, (prompt, output) in enumerate(zip(prompts_P, self._generate_all(prompts_P, params), strict=True)):
+            if list(output.prompt_token_ids) != list(prompt):
+                raise ValueError(f"prompt {row}: vLLM generated from other prompt tokens than were sent")
+            traces.append([int(t) for t in output.outputs[0].token_ids])
+        return traces
+
+    def _generate_all(self, seqs: list[list[int]], params) -> list:
+        """One output per sequence, in order; the engines take contiguous parts, one engine after another."""
+        outputs = []
+        for llm, part in zip(self.llms, split_by_tokens([len(s) for s in seqs], len(self.llms))):
+            outputs += self._generate(llm, [seqs[j] for j in part], params)
+        return outputs
 
     @staticmethod
     def _generate(llm, seqs: list[list[int]], params) -> list:
