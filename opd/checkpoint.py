@@ -162,16 +162,18 @@ def checkpoint_size(path: Path | None) -> int:
 
 
 def state_nbytes(*states) -> int:
-    """Bytes of every tensor in nested dicts/lists: the size of a first checkpoint, before one exists."""
-    total = 0
-    for state in states:
+    """Bytes of the distinct tensors in nested dicts/lists (tied weights once): a first checkpoint's size."""
+    seen: dict[int, int] = {}
+    stack = list(states)
+    while stack:
+        state = stack.pop()
         if isinstance(state, torch.Tensor):
-            total += state.numel() * state.element_size()
+            seen[state.untyped_storage().data_ptr()] = state.numel() * state.element_size()
         elif isinstance(state, dict):
-            total += state_nbytes(*state.values())
+            stack.extend(state.values())
         elif isinstance(state, (list, tuple)):
-            total += state_nbytes(*state)
-    return total
+            stack.extend(state)
+    return sum(seen.values())
 
 
 def check_space(folder: Path, need: int, what: str) -> None:

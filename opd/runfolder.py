@@ -103,8 +103,12 @@ def open_run(config, d: distributed.Dist = distributed.Dist()) -> RunFolder:
         raise ValueError(f"out_dir={config.out_dir!r} cannot be used: {e.strerror or e}; choose a folder you can "
                          f"write") from None
     if d.main:
-        checkpoint.clean_partial(path)
-        resume = pick_checkpoint(path, config) if config.resume else refuse_used(path, config)
+        try:
+            checkpoint.clean_partial(path)
+            resume = pick_checkpoint(path, config) if config.resume else refuse_used(path, config)
+        except BaseException:
+            lock.release()  # a refused run leaves the folder free for the corrected command
+            raise
     distributed.barrier(d)
     if not d.main:  # rank 0 moved every damaged checkpoint above the chosen one aside
         resume = checkpoint.newest(path) if config.resume else None
