@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import statistics
@@ -26,8 +27,6 @@ def _train(recipe: str | None, overrides: list[str], offpolicy: bool = False) ->
     if offpolicy:
         check_offpolicy_config(config)
     print(OmegaConf.to_yaml(OmegaConf.structured(config)), flush=True)
-    Path(config.out_dir).mkdir(parents=True, exist_ok=True)
-    (Path(config.out_dir) / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
     return train_offpolicy(config) if offpolicy else train(config)
 
 
@@ -126,7 +125,11 @@ def summarize(run_dir: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv  # anywhere on the line, so it can be added to a failing command as it was typed
+    argv = [a for a in argv if a != "--debug"]
     parser = argparse.ArgumentParser(prog="opd", description="On-policy distillation of language models.")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error instead of one line")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train from a recipe: opd train RECIPE.yaml key=value ...")
     p.add_argument("recipe", nargs="?", help="YAML recipe (optional; defaults come from opd.config.TrainConfig)")
@@ -216,7 +219,29 @@ def main(argv: list[str] | None = None) -> int:
             from opd.metrics import plot_run
 
             print(plot_run(args.run_dir))
-    except (ValueError, FileNotFoundError) as e:
-        print(f"opd {args.command}: error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"opd {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if debug:
+            raise
+        print(f"opd {args.command}: error: {one_line(e)}", file=sys.stderr)
         return 2
     return 0
+
+
+def one_line(e: Exception) -> str:
+    """A user's error in one line: ours as written, an OS error with its path, anything else with its type.
+
+    Our ValueErrors name the field and the fix; an OSError (ENOSPC, EACCES, a missing file) names
+    the path; a foreign exception keeps its type and first line, and points to `--debug`.
+    """
+    if isinstance(e, OSError) and e.strerror:
+        hint = {errno.EACCES: "; check its permissions or choose another path",
+                errno.EROFS: "; choose a path on a writable filesystem",
+                errno.ENOSPC: "; free some space or choose another out_dir"}.get(e.errno, "") if e.filename else ""
+        return f"{e.filename}: {e.strerror}{hint}" if e.filename else e.strerror
+    if isinstance(e, (ValueError, OSError)):
+        return " ".join(str(e).split())
+    first = (str(e).strip().splitlines() or [""])[0]
+    return f"{type(e).__name__}: {first} (rerun with --debug for the traceback)"

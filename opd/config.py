@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from opd.rollout import Sampling
 from opd.vllm_setup import check_temperature
@@ -93,6 +93,10 @@ class TrainConfig:
     tensorboard: bool = False  # also write TensorBoard events (needs `tensorboard`)
     wandb_project: str | None = None  # also log to this Weights & Biases project (needs `wandb`)
     progress: bool = True  # show a progress bar
+    # run folder (#17); on resume every field is training-relevant unless in opd.runfolder.NOT_TRAINING
+    keep_last: int = 3  # checkpoints kept in out_dir (0 = all); older ones are deleted once a newer one is complete
+    overwrite: bool = False  # a fresh run into a used out_dir moves its old contents to <out_dir>.old-<time>/
+    resume_allow_changed: str = ""  # comma-separated training-relevant fields resume=true may find changed: "lr,seed"
 
     def __post_init__(self):
         if self.steps is None and self.epochs is None:  # frozen: the default of 100 needs object.__setattr__
@@ -173,6 +177,16 @@ class TrainConfig:
             for split in ("train", "test"):
                 if not (Path(self.data_dir) / f"{split}.jsonl").is_file():
                     raise ValueError(f"data_dir={self.data_dir!r} has no {split}.jsonl")
+        # run folder (#17)
+        if self.keep_last < 0:
+            raise ValueError(f"keep_last must be >= 0 (0 keeps every checkpoint), got {self.keep_last}")
+        if self.resume and self.overwrite:
+            raise ValueError("resume=true continues the run in out_dir and overwrite=true moves it aside: choose one")
+        names = {f.name for f in fields(TrainConfig)}
+        unknown = [n.strip() for n in self.resume_allow_changed.split(",") if n.strip() and n.strip() not in names]
+        if unknown:
+            raise ValueError(f"resume_allow_changed names unknown fields {unknown}; give comma-separated TrainConfig "
+                             f"fields, e.g. resume_allow_changed=lr,seed")
         return self
 
     def validate_data(self) -> None:
@@ -212,22 +226,39 @@ def _one_of(name: str, value: str, accepted: tuple[str, ...]) -> None:
 
 
 def load_config(recipe: str | Path | None = None, overrides: list[str] = ()) -> TrainConfig:
-    """Recipe YAML (optional) + `key=value` overrides onto the schema, then validated."""
-    schema = OmegaConf.structured(TrainConfig)
+    """Recipe YAML (optional) + `key=value` overrides onto the schema, then validated.
+
+    Errors name where the bad value came from: the recipe's file:line:column for YAML syntax, the
+    key for a value of the wrong type (`steps=abc`), and the recipe or the overrides it was in.
+    """
+    import yaml
+
+    keys = ", ".join(f.name for f in fields(TrainConfig))
     layers = []
     if recipe is not None:
         path = Path(recipe)
         if not path.is_file():
             raise ValueError(f"recipe {str(path)!r} not found")
-        layers.append(OmegaConf.load(path))
+        try:
+            layers.append((f"recipe {path}", OmegaConf.load(path)))
+        except yaml.MarkedYAMLError as e:
+            mark = e.problem_mark or e.context_mark
+            where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+            raise ValueError(f"{where}: malformed YAML: {e.problem or e.context}; fix the recipe there") from None
+        except (yaml.YAMLError, OmegaConfBaseException, UnicodeDecodeError) as e:
+            raise ValueError(f"recipe {path}: not a YAML mapping of config keys ({str(e).splitlines()[0]})") from None
     bad = [o for o in overrides if "=" not in o]
     if bad:
-        raise ValueError(f"overrides must be key=value, got {bad}; keys: {', '.join(f.name for f in fields(TrainConfig))}")
-    layers.append(OmegaConf.from_dotlist(list(overrides)))
+        raise ValueError(f"overrides must be key=value, got {bad}; keys: {keys}")
+    layers.append(("overrides", OmegaConf.from_dotlist(list(overrides))))
+    merged = OmegaConf.structured(TrainConfig)
     try:
-        merged = OmegaConf.merge(schema, *layers)
+        for source, layer in layers:
+            merged = OmegaConf.merge(merged, layer)
         config = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
-        message = str(e).splitlines()[0]
-        raise ValueError(f"bad config: {message}. Accepted keys: {', '.join(f.name for f in fields(TrainConfig))}") from None
+        message, key = str(e).splitlines()[0], getattr(e, "full_key", None) or getattr(e, "key", None)
+        what = f"{source}: {key}: " if key else f"{source}: "
+        known = f". Accepted keys: {keys}" if isinstance(e, ConfigKeyError) else ""  # the list helps a misspelt key only
+        raise ValueError(f"bad config: {what}{message}{known}") from None
     return config.validate()

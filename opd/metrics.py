@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from opd.runfolder import atomic_write_text
+
+log = logging.getLogger(__name__)
 HEADLINE = ("opd/sampled_reverse_kl", "task/reward", "eval/student_accuracy")
 PLOTS = (  # (title, keys) of `opd plot`; missing keys are skipped
     ("loss", ("train/loss",)),
@@ -24,18 +28,42 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"no metrics.jsonl in {run_dir}; is it a run folder of `opd train`?")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return parse_metrics(path)
+
+
+def parse_metrics(path: Path) -> list[dict]:
+    """The records of a metrics.jsonl; a torn last line (a write cut short by a kill) is dropped with a warning.
+
+    A bad line anywhere else is not a kill's doing, so it is an error naming the file and line.
+    """
+    lines = path.read_text().split("\n")
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except ValueError as e:
+            if number < len(lines) - (lines[-1] == ""):
+                raise ValueError(f"{path}:{number}: not a JSON line ({e}); fix or delete that line") from None
+            log.warning("warning: %s:%d is a torn line (a write cut short); dropped it", path, number)
+    return records
 
 
 class MetricsWriter:
-    """Appends one JSON line per step; on resume, drops the lines of steps after the checkpoint."""
+    """The run's records: `config.json` (written here, once the run really starts) and one JSON line per step.
+
+    On resume the lines of steps after the checkpoint are dropped by rewriting the file through a
+    temp file and a rename, so a kill during the rewrite leaves the old file or the new, never half.
+    """
 
     def __init__(self, run_dir: Path, config, start_step: int):
         self.path = Path(run_dir) / "metrics.jsonl"
         self.log_samples = config.log_samples
+        atomic_write_text(Path(run_dir) / "config.json", json.dumps(config.to_dict(), indent=2) + "\n")
         if self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= start_step]
-            self.path.write_text("".join(line + "\n" for line in kept) if start_step else "")
+            kept = [r for r in parse_metrics(self.path) if start_step and r["step"] <= start_step]
+            atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         self.file = self.path.open("a")
         self.bar = tqdm(total=config.steps, initial=start_step, disable=not config.progress, unit="step", dynamic_ncols=True)
         self.tb = None

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from opd import checkpoint, distributed
+from opd import checkpoint, distributed, runfolder
 from opd.batch import collate
 from opd.config import TrainConfig
 from opd.data import load_data, rendered, resolve_steps
@@ -57,8 +57,8 @@ def train_offpolicy(config: TrainConfig) -> Path:
     """Train `config.student` by cross-entropy on `config.teacher`'s samples; returns the run folder."""
     check_offpolicy_config(config)
     d = distributed.init()
-    run_dir = Path(config.out_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run = runfolder.open_run(config, d)  # the lock, and a fresh, overwritten or resumed run: before any model loads
+    run_dir = run.path
     torch.manual_seed(config.seed)
     data = load_data(config)  # every row read and validated before any model loads (#19)
     config, examples, eval_examples = resolve_steps(config, len(data.train)), data.train, data.eval
@@ -69,8 +69,8 @@ def train_offpolicy(config: TrainConfig) -> Path:
     optimizer, scheduler = make_optimizer(student, config)
 
     start_step = 0
-    if config.resume and (latest := checkpoint.latest(run_dir)) is not None:
-        start_step = checkpoint.load(latest, student, optimizer, scheduler)
+    if run.checkpoint is not None:
+        start_step = checkpoint.load(run.checkpoint, student, optimizer, scheduler)
     if d.main:
         evaluate = make_evaluator(config, teacher, tokenizer, teacher_tokenizer, eval_examples, examples)
         writer = MetricsWriter(run_dir, config, start_step)
@@ -112,6 +112,7 @@ def train_offpolicy(config: TrainConfig) -> Path:
         checkpoint.save_final(run_dir, student, tokenizer)
     distributed.barrier(d)
     distributed.close(d)
+    run.close()
     return run_dir
 
 

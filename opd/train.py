@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from opd import checkpoint, distributed
+from opd import checkpoint, distributed, runfolder
 from opd.batch import collate
 from opd.config import TrainConfig
 from opd.data import epoch_prompts, load_data, rendered, resolve_steps
@@ -43,8 +43,8 @@ SUMMED = {"train/loss", "opd/opsm_rejected"}  # metrics that add up over micro-b
 def train(config: TrainConfig) -> Path:
     """Distil `config.student` from `config.teacher`; returns the run folder. Under torchrun, ranks share each step."""
     d = distributed.init()
-    run_dir = Path(config.out_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run = runfolder.open_run(config, d)  # the lock, and a fresh, overwritten or resumed run: before any model loads
+    run_dir = run.path
     torch.manual_seed(config.seed)
     data = load_data(config)  # every row read and validated before any model loads (#19)
     config, examples, eval_examples = resolve_steps(config, len(data.train)), data.train, data.eval
@@ -64,8 +64,8 @@ def train(config: TrainConfig) -> Path:
     optimizer, scheduler = make_optimizer(student, config)
 
     start_step = 0
-    if config.resume and (latest := checkpoint.latest(run_dir)) is not None:
-        start_step = checkpoint.load(latest, student, optimizer, scheduler)
+    if run.checkpoint is not None:
+        start_step = checkpoint.load(run.checkpoint, student, optimizer, scheduler)
         engine.load_weights(student)
     plain_student = distributed.unsharded(student, d)  # rank 0's view for eval and saving (a collective under FSDP)
     if d.main:  # only rank 0 evaluates, logs and saves
@@ -117,6 +117,7 @@ def train(config: TrainConfig) -> Path:
         checkpoint.save_final(run_dir, plain_student, tokenizer)
     distributed.barrier(d)
     distributed.close(d)
+    run.close()
     return run_dir
 
 
