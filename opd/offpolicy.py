@@ -57,11 +57,11 @@ def train_offpolicy(config: TrainConfig) -> Path:
     """Train `config.student` by cross-entropy on `config.teacher`'s samples; returns the run folder."""
     check_offpolicy_config(config)
     d = distributed.init()
+    data = load_data(config)  # every row read and validated before any model loads (#19)
+    config, examples, eval_examples = resolve_steps(config, len(data.train)), data.train, data.eval
     run = runfolder.open_run(config, d)  # the lock, and a fresh, overwritten or resumed run: before any model loads
     run_dir = run.path
     torch.manual_seed(config.seed)
-    data = load_data(config)  # every row read and validated before any model loads (#19)
-    config, examples, eval_examples = resolve_steps(config, len(data.train)), data.train, data.eval
     teacher, student, tokenizer, teacher_tokenizer = load_pair(config)
     validate_setup(config.task, examples[:1], teacher, student, teacher_tokenizer, tokenizer)  # rows: load_data
     prompts, teacher_prompts = rendered(tokenizer, examples), rendered(teacher_tokenizer, examples, teacher=True)

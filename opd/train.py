@@ -43,11 +43,11 @@ SUMMED = {"train/loss", "opd/opsm_rejected"}  # metrics that add up over micro-b
 def train(config: TrainConfig) -> Path:
     """Distil `config.student` from `config.teacher`; returns the run folder. Under torchrun, ranks share each step."""
     d = distributed.init()
+    data = load_data(config)  # every row read and validated before any model loads (#19)
+    config, examples, eval_examples = resolve_steps(config, len(data.train)), data.train, data.eval
     run = runfolder.open_run(config, d)  # the lock, and a fresh, overwritten or resumed run: before any model loads
     run_dir = run.path
     torch.manual_seed(config.seed)
-    data = load_data(config)  # every row read and validated before any model loads (#19)
-    config, examples, eval_examples = resolve_steps(config, len(data.train)), data.train, data.eval
     teacher, student, tokenizer, teacher_tokenizer = load_pair(config)
     if config.fsdp and d.world > 1:
         if config.prompts_per_step % d.world:  # a sharded forward is a collective: equal rows on every rank
