@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from opd import lora
+
 STEP_RE = re.compile(r"^step_(\d+)$")
 STATE_FILE = "trainer_state.pt"
 
@@ -33,7 +35,7 @@ def save(run_dir: Path, step: int, student, tokenizer, optimizer_state: dict, sc
     final = Path(run_dir) / "checkpoints" / f"step_{step:06d}"
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    student.save_pretrained(tmp / "model")  # safetensors
+    lora.save_student(student, tmp / "model")  # safetensors; a LoRA student merged, plus its adapter
     tokenizer.save_pretrained(tmp / "model")
     state = {"step": step, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
              "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
@@ -64,9 +66,12 @@ def load(path: Path, student, optimizer, scheduler) -> int:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
     from transformers import AutoModelForCausalLM
 
-    saved = AutoModelForCausalLM.from_pretrained(path / "model", dtype=next(student.parameters()).dtype)
     options = StateDictOptions(full_state_dict=True, strict=True)  # strict: a checkpoint of another architecture raises
-    set_model_state_dict(student, saved.state_dict(), options=options)
+    if lora.is_lora(student):  # the frozen base is the student's own: only the adapter comes back
+        lora.load_adapter(student, path / "model" / lora.ADAPTER_DIR)
+    else:
+        saved = AutoModelForCausalLM.from_pretrained(path / "model", dtype=next(student.parameters()).dtype)
+        set_model_state_dict(student, saved.state_dict(), options=options)
     state = torch.load(path / STATE_FILE, weights_only=False)
     set_optimizer_state_dict(student, optimizer, state["optimizer"], options=options)
     scheduler.load_state_dict(state["scheduler"])
@@ -83,7 +88,7 @@ def save_final(run_dir: Path, student, tokenizer) -> Path:
     final = Path(run_dir) / "final"
     tmp = final.with_name("final.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    student.save_pretrained(tmp)
+    lora.save_student(student, tmp)  # a LoRA student: the merged model, plus final/adapter/
     tokenizer.save_pretrained(tmp)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)

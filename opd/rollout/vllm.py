@@ -32,6 +32,7 @@ from contextlib import contextmanager
 
 import torch
 
+from opd.lora import merged_state_dict
 from opd.rollout import Sampling
 from opd.types import Rollout
 
@@ -172,7 +173,7 @@ class VLLMRolloutEngine:
     @torch.no_grad()
     def load_weights(self, model: torch.nn.Module) -> None:
         """Copy `model`'s weights into the engine, check every engine parameter was written, drop stale KV cache."""
-        weights = [(name, tensor.detach()) for name, tensor in model.state_dict().items()]
+        weights = [(name, tensor.detach()) for name, tensor in merged_state_dict(model).items()]  # LoRA: W + BA
         if not hasattr(self.llm, "apply_model"):
             raise RuntimeError("this vLLM has no LLM.apply_model (added in vLLM 0.9); install vllm>=0.10.2")
 
