@@ -55,8 +55,9 @@ def test_two_steps_train_and_a_resumed_run_is_bit_exact(name, family_dirs, tmp_p
     assert read_metrics(whole)[2]["train/loss"] == read_metrics(split)[2]["train/loss"]
 
 
-def family_batch(paths, loss):
-    """One real step's batch: the family student samples 2 prompts x 2, the family teacher scores them."""
+def family_batch(paths):
+    """One real step's batch: the family student samples 2 prompts x 2, the family teacher scores them (with its
+    top-4 and full logits, so one batch serves all three losses)."""
     tokenizer = load_tokenizer(str(paths["student"]))
     student, teacher = load_model(str(paths["student"])), load_model(str(paths["teacher"])).eval()
     prompts = [render_prompt(tokenizer, ex.prompt) for ex in arithmetic_examples(2, "train", seed=1)]
@@ -64,32 +65,32 @@ def family_batch(paths, loss):
     for r in rollouts:
         r.teacher_prompt_ids = r.prompt_ids
     scorer = HFTeacherScorer(teacher, vocab_size=len(tokenizer))
-    scores = scorer.score(rollouts, 1.0, topk=4 if loss == "topk_kl" else 0, full_logits=loss == "jsd")
+    scores = scorer.score(rollouts, 1.0, topk=4, full_logits=True)
     return student, tokenizer, scorer, rollouts, collate(rollouts, scores, tokenizer.pad_token_id)
 
 
-@pytest.mark.parametrize("loss", ["reverse_kl", "topk_kl", "jsd"])
 @pytest.mark.parametrize("name", FAMILIES)
-def test_the_fused_paths_equal_the_plain_forward_in_loss_and_gradient(name, loss, family_dirs, monkeypatch):
-    student, tokenizer, scorer, rollouts, batch = family_batch(family_dirs(name), loss)
+def test_the_fused_paths_equal_the_plain_forward_in_loss_and_gradient(name, family_dirs, monkeypatch):
+    student, tokenizer, scorer, rollouts, batch = family_batch(family_dirs(name))
     assert supports_fused(student) is FAMILIES[name].fused and supports_fused(scorer.model) is FAMILIES[name].fused
-    config = load_config(None, [f"loss={loss}", "topk=4"])
-    results = []
-    for fused in (True, False):  # the plain path: the one a model without a plain head takes
-        choice = supports_fused if fused else (lambda model: False)
-        monkeypatch.setattr("opd.train.supports_fused", choice)
-        monkeypatch.setattr("opd.teacher.hf.supports_fused", choice)
-        value, _ = micro_loss(student, batch, config, batch.num_tokens, len(tokenizer))
-        value.backward()
-        teacher_logprobs = torch.cat([s.logprobs_R for s in scorer.score(rollouts, 0.8)])
-        results.append((value.detach(), [p.grad.clone() for p in student.parameters()], teacher_logprobs))
-        student.zero_grad(set_to_none=True)
-    (fused_loss, fused_grads, fused_q), (plain_loss, plain_grads, plain_q) = results
-    torch.testing.assert_close(fused_loss, plain_loss, atol=1e-5, rtol=1e-5)
-    for fused_grad, plain_grad in zip(fused_grads, plain_grads, strict=True):
-        torch.testing.assert_close(fused_grad, plain_grad, atol=1e-6, rtol=1e-4)
-    torch.testing.assert_close(fused_q, plain_q, atol=1e-5, rtol=1e-5)
-    assert fused_loss.abs() > 0 and any(g.abs().max() > 0 for g in fused_grads)
+    for loss in ("reverse_kl", "topk_kl", "jsd"):
+        config = load_config(None, [f"loss={loss}", "topk=4"])
+        results = []
+        for fused in (True, False):  # the plain path: the one a model without a plain head takes
+            choice = supports_fused if fused else (lambda model: False)
+            monkeypatch.setattr("opd.train.supports_fused", choice)
+            monkeypatch.setattr("opd.teacher.hf.supports_fused", choice)
+            value, _ = micro_loss(student, batch, config, batch.num_tokens, len(tokenizer))
+            value.backward()
+            teacher_logprobs = torch.cat([s.logprobs_R for s in scorer.score(rollouts, 0.8)])
+            results.append((value.detach(), [p.grad.clone() for p in student.parameters()], teacher_logprobs))
+            student.zero_grad(set_to_none=True)
+        (fused_loss, fused_grads, fused_q), (plain_loss, plain_grads, plain_q) = results
+        torch.testing.assert_close(fused_loss, plain_loss, atol=1e-5, rtol=1e-5, msg=loss)
+        for fused_grad, plain_grad in zip(fused_grads, plain_grads, strict=True):
+            torch.testing.assert_close(fused_grad, plain_grad, atol=1e-6, rtol=1e-4, msg=loss)
+        torch.testing.assert_close(fused_q, plain_q, atol=1e-5, rtol=1e-5)
+        assert fused_loss.abs() > 0 and any(g.abs().max() > 0 for g in fused_grads), loss
 
 
 @pytest.mark.xfail(strict=True, reason="needs h18a: multi-eos stop")
