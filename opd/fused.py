@@ -73,7 +73,8 @@ def supports_fused(model: torch.nn.Module) -> bool:
 def _fused_logits_match(model: torch.nn.Module, backbone: torch.nn.Module, head: torch.nn.Linear) -> bool:
     """One 8-token forward both ways, in eval mode and the model's own dtype (no autocast): equal logits?"""
     parameter = next(model.parameters())
-    ids_1_S = (torch.arange(8, device=parameter.device) * 7 + 3)[None] % head.weight.shape[0]
+    rows = min(head.weight.shape[0], getattr(model.get_input_embeddings(), "num_embeddings", head.weight.shape[0]))
+    ids_1_S = (torch.arange(8, device=parameter.device) * 7 + 3)[None] % rows
     was_training = model.training
     model.eval()
     try:
