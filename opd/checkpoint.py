@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from opd import lora
+
 STEP_RE = re.compile(r"^step_(\d+)$")
 STATE_FILE = "trainer_state.pt"
 MANIFEST = "manifest.json"
@@ -49,7 +51,7 @@ def save(run_dir: Path, step: int, student, tokenizer, optimizer_state: dict, sc
     need = checkpoint_size(newest(run_dir)) or state_nbytes(student.state_dict(), optimizer_state)
     check_space(final.parent, need, f"checkpoint {final.name}")
     try:
-        student.save_pretrained(tmp / "model")  # safetensors
+        lora.save_student(student, tmp / "model")  # safetensors; a LoRA student merged, plus its adapter
         tokenizer.save_pretrained(tmp / "model")
         state = {"step": step, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
                  "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
@@ -213,9 +215,12 @@ def load(path: Path, student, optimizer, scheduler) -> int:
 
     configured = [{k: g[k] for k in ("initial_lr", "weight_decay") if k in g} for g in optimizer.param_groups]
     try:
-        saved = AutoModelForCausalLM.from_pretrained(path / "model", dtype=next(student.parameters()).dtype)
         options = StateDictOptions(full_state_dict=True, strict=True)  # strict: a checkpoint of another architecture raises
-        set_model_state_dict(student, saved.state_dict(), options=options)
+        if lora.is_lora(student):  # the frozen base is the student's own: only the adapter comes back
+            lora.load_adapter(student, path / "model" / lora.ADAPTER_DIR)
+        else:
+            saved = AutoModelForCausalLM.from_pretrained(path / "model", dtype=next(student.parameters()).dtype)
+            set_model_state_dict(student, saved.state_dict(), options=options)
         state = torch.load(path / STATE_FILE, weights_only=False)
         set_optimizer_state_dict(student, optimizer, state["optimizer"], options=options)
         scheduler.load_state_dict(state["scheduler"])
@@ -245,7 +250,7 @@ def save_final(run_dir: Path, student, tokenizer) -> Path:
     tmp = final.with_name("final.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        student.save_pretrained(tmp)
+        lora.save_student(student, tmp)  # a LoRA student: the merged model, plus final/adapter/
         tokenizer.save_pretrained(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -83,6 +83,10 @@ class TrainConfig:
     fsdp: bool = False  # torchrun: shard the student with FSDP2 fully_shard (too big for one device)
     dtype: str = "float32"  # student/teacher parameter dtype
     device: str = "auto"  # "auto" picks cuda when available
+    # LoRA (#18)
+    lora_rank: int = 0  # rank of a LoRA adapter on the student, trained alone (0 = off: full fine-tuning); needs opd[lora]
+    lora_alpha: float = 32.0  # the adapter's update is (lora_alpha / lora_rank) * B A
+    lora_targets: str = "all-linear"  # adapted modules: every linear layer of the decoder (not lm_head), or names "q_proj,v_proj"
     # run
     seed: int = 0
     out_dir: str = "runs/default"
@@ -167,6 +171,11 @@ class TrainConfig:
         if self.fsdp and self.rollout_backend != "hf":
             raise ValueError("fsdp=true needs rollout_backend=hf: syncing a sharded student's weights into vLLM "
                              "is not implemented; use fsdp=false with vLLM")
+        if self.lora_rank < 0 or self.lora_alpha <= 0 or not self.lora_targets.strip():
+            raise ValueError(f"lora_rank must be >= 0 (0 = off), lora_alpha > 0 and lora_targets non-empty, got "
+                             f"{self.lora_rank}, {self.lora_alpha}, {self.lora_targets!r}")
+        if self.lora_rank and self.fsdp:
+            raise ValueError("lora_rank > 0 with fsdp=true is not implemented; an adapter is small: use fsdp=false")
         for name in ("teacher", "student"):
             path = getattr(self, name)
             if path not in TINY_ALIASES and not (Path(path) / "config.json").is_file():

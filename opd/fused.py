@@ -15,10 +15,13 @@ back through the cache copy, for the student's training forward (1.6x faster for
 with GSM8K's ~104-token prompts, 130-token completions and G = 4).
 
 Only for models whose logits are exactly `lm_head(last_hidden_state)` (no bias, no logit scale or
-soft-capping): `supports_fused` checks that, and callers fall back to the full forward otherwise.
+soft-capping, no adapter on the head): `supports_fused` checks that by structure, and callers fall
+back to the full forward otherwise.
 """
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 from torch import Tensor
@@ -29,22 +32,63 @@ from opd.batch import right_pad
 from opd.logprobs import _check_chunk_size, _check_temperature, _compute_dtype, masked_mean, step_token_count
 from opd.losses import check_beta, jsd_rows
 
-# Causal LMs whose head is a plain bias-free linear map of the final normed hidden state.
-PLAIN_HEAD_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gpt_neox", "olmo", "olmo2", "phi3", "smollm3")
+# Config fields that rescale or cap the logits after the head (Gemma2/3 soft-capping, Cohere, Granite):
+# the fused paths would score `lm_head(h)` without them.
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier")
+_FUSED_CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (structure signature, answer)
 
 
 def supports_fused(model: torch.nn.Module) -> bool:
-    """True when `model`'s logits are `lm_head(base_model(...).last_hidden_state)` and nothing else."""
+    """True when `model(...).logits` is exactly `lm_head(backbone(...).last_hidden_state)`, so the fused paths may run.
+
+    One structural rule instead of a list of model types, so an unknown family takes the fused path
+    when that is safe and the plain forward otherwise: the output embedding is a plain bias-free
+    `nn.Linear` (not a LoRA or other wrapper: TRL #6530 trained with the un-adapted head), no config
+    field rescales or caps the logits (`LOGIT_TRANSFORMS`), and the backbone is reachable under
+    `base_model_prefix`. A config field can hide under a name not listed, and a random tiny model's
+    logits are too small for a soft-cap to show in numbers, so both are asked: the structure, then
+    once per model a tiny forward whose fused logits must equal `model(...).logits`. The answer is
+    cached per model and recomputed when its head or backbone object changes (e.g. an adapter added).
+    """
     from opd.distributed import is_sharded
 
     if is_sharded(model):  # calling the backbone directly would skip FSDP's unsharding of the root's parameters
         return False
-    config = model.config
-    head = model.get_output_embeddings()
-    scaled = any(getattr(config, name, None) not in (None, 1.0) for name in
-                 ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier"))
-    return (config.model_type in PLAIN_HEAD_MODEL_TYPES and isinstance(head, torch.nn.Linear) and head.bias is None
-            and not scaled and hasattr(model, model.base_model_prefix))
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    backbone = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    signature = (id(head), type(head), id(backbone))
+    cached = _FUSED_CHECKED.get(model)
+    if cached is not None and cached[0] == signature:
+        return cached[1]
+    config = getattr(model, "config", None)
+    scaled = any(getattr(config, name, None) not in (None, 1.0, 1) for name in LOGIT_TRANSFORMS)
+    plain = (type(head) is torch.nn.Linear and head.bias is None and not scaled
+             and isinstance(backbone, torch.nn.Module) and backbone is not model)
+    answer = plain and _fused_logits_match(model, backbone, head)
+    _FUSED_CHECKED[model] = (signature, answer)
+    return answer
+
+
+@torch.no_grad()
+def _fused_logits_match(model: torch.nn.Module, backbone: torch.nn.Module, head: torch.nn.Linear) -> bool:
+    """One 8-token forward both ways, in eval mode and the model's own dtype (no autocast): equal logits?"""
+    parameter = next(model.parameters())
+    rows = min(head.weight.shape[0], getattr(model.get_input_embeddings(), "num_embeddings", head.weight.shape[0]))
+    ids_1_S = (torch.arange(8, device=parameter.device) * 7 + 3)[None] % rows
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.autocast(parameter.device.type, enabled=False):
+            plain_1_S_V = model(input_ids=ids_1_S).logits.float()
+            hidden = getattr(backbone(input_ids=ids_1_S), "last_hidden_state", None)
+            if hidden is None or hidden.shape[:2] != ids_1_S.shape:
+                return False
+            fused_1_S_V = (hidden @ head.weight.T).float()
+    finally:
+        model.train(was_training)
+    tolerance = 1e-4 if parameter.dtype == torch.float32 else 2e-2  # relative to the logits' scale
+    scale = plain_1_S_V.abs().max().clamp(min=1.0)
+    return plain_1_S_V.shape == fused_1_S_V.shape and bool(((plain_1_S_V - fused_1_S_V).abs() <= tolerance * scale).all())
 
 
 class _LinearLogSoftmaxGather(torch.autograd.Function):

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from opd.lora import apply_lora
 from opd.teacher import REMOTE_BACKENDS
 from opd.teacher.hf import freeze
 from opd.tokenization import check_tokenizers_compatible
@@ -59,5 +60,6 @@ def load_pair(config) -> tuple[torch.nn.Module, torch.nn.Module, object, object]
     else:
         teacher = freeze(load_model(config.teacher, config.dtype, config.device))
     student = load_model(config.student, config.dtype, config.device)
+    student = apply_lora(student, config.lora_rank, config.lora_alpha, config.lora_targets)
     student.train()
     return teacher, student, tokenizer, teacher_tokenizer

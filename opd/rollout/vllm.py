@@ -32,6 +32,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from opd import vllm_setup
+from opd.lora import merged_state_dict
 from opd.rollout import Sampling
 from opd.types import Rollout
 
@@ -166,7 +167,7 @@ class VLLMRolloutEngine:
     @torch.no_grad()
     def load_weights(self, model: torch.nn.Module) -> None:
         """Copy `model`'s weights into the engine (`vllm_setup.push_weights`), then drop the stale KV cache."""
-        weights = [(name, tensor.detach()) for name, tensor in model.state_dict().items()]
+        weights = [(name, tensor.detach()) for name, tensor in merged_state_dict(model).items()]  # LoRA: W + BA
         self.sync_path = vllm_setup.push_weights(self.llm, weights, vllm_setup.is_quantized(self.llm))
         self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
 
