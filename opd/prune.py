@@ -158,18 +158,19 @@ def init_student(teacher: str, out: str | Path, layers: str | None = None, keep:
     folder = resolve(teacher)
     if not (folder / "config.json").is_file():
         raise ValueError(f"--from {teacher!r} is not a model folder (no config.json there)")
-    saved_dtype = json.loads((folder / "config.json").read_text()).get("dtype", "float32")
+    saved = json.loads((folder / "config.json").read_text())
+    n, saved_dtype = saved.get("num_hidden_layers"), saved.get("dtype", "float32")
+    if not isinstance(n, int):
+        raise ValueError(f"--from {teacher!r}: its config.json has no num_hidden_layers; init-student cuts "
+                         f"Llama-style decoders only")
+    kept = parse_layers(layers, n) if layers is not None else even_layers(n, keep)  # checked before loading
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)  # scores in fp32
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    n = len(decoder_layers(model))
+    decoder_layers(model)
     scores = None
-    if layers is not None:
-        kept = parse_layers(layers, n)
-    elif by == "importance":
+    if by == "importance":
         scores = layer_importance(model, tokenizer)
         kept = by_importance(scores, keep)
-    else:
-        kept = even_layers(n, keep)
     student = cut(model, kept).to(getattr(torch, saved_dtype))
     student.save_pretrained(out)  # saved in the dtype the teacher came in
     tokenizer.save_pretrained(out)
