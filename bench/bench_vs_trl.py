@@ -11,7 +11,8 @@ gradient checkpointing, the same number of steps. TRL runs `trl.DistillationTrai
 
 Scales: (a) the bundled tiny pair (0.69M student, 3.9M teacher, 2,048-token vocabulary); (b) a pair
 built here from `transformers` Llama configs with a 32,000-token vocabulary (23M-parameter student,
-42M teacher, random weights). The speed runs force a fixed completion length
+42M teacher, random weights); (c), only with `--scales c`, a real pretrained pair: SmolLM2-135M-Instruct
+(`scripts/get-smollm2.sh`) and its 6-of-30-layer cut (`opd init-student --keep 6`). The speed runs force a fixed completion length
 (`min_new_tokens = max_new_tokens`) so both trainers generate, score and train on the same number of
 tokens. At scale (b) opd trains each step in micro-batches of 4 sequences (`micro`): the same
 gradient, since every micro-loss divides by the step's token count (DESIGN.md §4), with a quarter of
@@ -52,6 +53,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 SCALE_B_DIR = RESULTS / "models" / "scale_b"
+SCALE_C_TEACHER = ROOT / "models" / "smollm2-135m-instruct"  # ./scripts/get-smollm2.sh
+SCALE_C_STUDENT = RESULTS / "models" / "scale_c" / "student"  # its even 6-of-30-layer cut, made on first use
 TRAINERS = ("trl", "opd_jsd", "opd")
 SEED = 0
 
@@ -60,9 +63,12 @@ SCALES = {
     "a": dict(teacher="tiny:teacher", student="tiny:student", P=32, G=4, N=40, steps=6, lr=1e-3, fixed=True),
     "b": dict(teacher=str(SCALE_B_DIR / "teacher"), student=str(SCALE_B_DIR / "student"), P=4, G=4, N=64, steps=4,
               lr=1e-4, fixed=True, micro=4),
+    # (c), #21: a real pretrained pair, SmolLM2-135M-Instruct -> its 6-layer cut (49.6M), 49,152-token vocabulary
+    "c": dict(teacher=str(SCALE_C_TEACHER), student=str(SCALE_C_STUDENT), P=4, G=4, N=64, steps=4, lr=1e-4,
+              fixed=True, micro=4),
     "quality": dict(teacher="tiny:teacher", student="tiny:student", P=16, G=4, N=40, steps=40, lr=1e-3, fixed=False),
 }
-QUICK = {"a": dict(steps=3), "b": dict(steps=2, N=32), "quality": dict(steps=8)}
+QUICK = {"a": dict(steps=3), "b": dict(steps=2, N=32), "c": dict(steps=1, N=16), "quality": dict(steps=8)}
 SCALE_B_CONFIGS = {  # Llama configs; tied embeddings as in most small open models
     "student": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=6, num_key_value_heads=6,
                     intermediate_size=1024),
@@ -97,6 +103,18 @@ def build_scale_b() -> None:
         model.save_pretrained(SCALE_B_DIR / name)
         tokenizer.save_pretrained(SCALE_B_DIR / name)
         print(f"built scale-b {name}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters", flush=True)
+
+
+def build_scale_c() -> None:
+    """Scale (c)'s student: the converted SmolLM2's 6 evenly spread layers (`opd init-student --keep 6`)."""
+    if (SCALE_C_STUDENT / "model.safetensors").is_file():
+        return
+    if not (SCALE_C_TEACHER / "model.safetensors").is_file():
+        raise SystemExit(f"scale c needs {SCALE_C_TEACHER}: run ./scripts/get-smollm2.sh first")
+    from opd.prune import init_student
+
+    report = init_student(str(SCALE_C_TEACHER), SCALE_C_STUDENT, keep=6)
+    print(f"built scale-c student: layers {report['kept_layers']}, {report['parameters'] / 1e6:.1f}M parameters", flush=True)
 
 
 # ---------------------------------------------------------------- workers (one per subprocess)
@@ -294,7 +312,8 @@ def table(results: dict) -> str:
     lines = []
     for scale, by_trainer in results.items():
         s = SCALES_USED[scale]
-        pair = "scale-b teacher (42M) -> student (23M), 32k vocab" if scale == "b" else "tiny:teacher -> tiny:student"
+        pair = {"b": "scale-b teacher (42M) -> student (23M), 32k vocab",
+                "c": "SmolLM2-135M-Instruct -> its 6-layer cut (49.6M), 49k vocab"}.get(scale, "tiny:teacher -> tiny:student")
         lines.append(f"\nscale {'a, quality' if scale == 'quality' else scale}: {pair}, {s['P']} prompts x {s['G']} = "
                      f"{s['P'] * s['G']} sequences/step, {'exactly' if s['fixed'] else 'up to'} {s['N']} tokens, "
                      f"{s['steps']} steps (medians of {len(by_trainer['trl']['runs'])} runs)"
@@ -346,10 +365,11 @@ SCALES_USED: dict = {}
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer steps (a smoke test, not a measurement)")
-    parser.add_argument("--repeats", type=int, default=3, help="repetitions of the speed scales (a, b)")
+    parser.add_argument("--repeats", type=int, default=3, help="repetitions of the speed scales (a, b, c)")
     parser.add_argument("--quality-repeats", type=int, default=5,
                         help="repetitions of the quality runs (their final KL varies more from seed to seed)")
-    parser.add_argument("--scales", default="a,b,quality", help="comma-separated subset of a, b, quality")
+    parser.add_argument("--scales", default="a,b,quality", help="comma-separated subset of a, b, c, quality "
+                        "(c, the real SmolLM2 pair, only when asked)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run (1: the 2 cores here are shared)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -363,6 +383,8 @@ def main() -> None:
         SCALES_USED[name]["steps"] += 1  # + the warm-up step left out of the medians
     if "b" in scales:
         build_scale_b()
+    if "c" in scales:
+        build_scale_c()
     RESULTS.mkdir(parents=True, exist_ok=True)
     raw = {name: {t: [] for t in TRAINERS} for name in scales}
     with tempfile.TemporaryDirectory(prefix="bench_vs_trl_") as tmp:

@@ -175,6 +175,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=None, help="pre-training steps (default: the spec's)")
     p.add_argument("--data-dir", default=None, help="folder with GSM8K train.jsonl/test.jsonl")
+    p = sub.add_parser("init-student", help="a student cut from the teacher: keep some of its decoder layers")
+    p.add_argument("--from", dest="teacher", required=True, help="teacher model folder, or tiny:teacher")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--layers", default=None, help="comma-separated layer indices to keep, e.g. 0,6,12")
+    which.add_argument("--keep", type=int, default=None, help="number of layers to keep")
+    p.add_argument("--by", default="even", choices=("even", "importance"),
+                   help="with --keep: spread evenly, or the layers whose skipping changes the teacher most")
+    p.add_argument("--out", required=True, help="output folder for the student")
     p = sub.add_parser("plot", help="write PNG curves of a run folder")
     p.add_argument("run_dir")
     args = parser.parse_args(argv)
@@ -215,6 +223,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{report['parameters']:,} parameters, {report['train_seconds']:.0f}s; on the recipe's {rows['n']} "
                   f"rows: teacher NLL on its own greedy trace {rows['teacher_nll_on_own_greedy_trace']:.3f}, "
                   f"teacher-trace gap {rows['step0_eval']['eval/trace_gap']:.3f}")
+        elif args.command == "init-student":
+            from opd.prune import print_init_student
+
+            print_init_student(args.teacher, args.out, args.layers, args.keep, args.by)
         elif args.command == "plot":
             from opd.metrics import plot_run
 
