@@ -7,12 +7,13 @@ key or a value of the wrong type fails with the key's name before anything is lo
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from opd.precision import check_device
 from opd.rollout import Sampling
 
 LOSSES = ("reverse_kl", "topk_kl", "jsd")
@@ -21,6 +22,7 @@ TASKS = ("arithmetic", "gsm8k", "gsm8k_privileged")
 BACKENDS = ("hf", "vllm")
 TEACHER_BACKENDS = ("hf", "vllm", "served", "none")
 DTYPES = ("float32", "bfloat16")
+SAVE_DTYPES = ("float32", "bfloat16", "float16")
 TINY_ALIASES = ("tiny:teacher", "tiny:student", "tiny:gsm8k")
 
 
@@ -67,7 +69,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global grad norm (0 = off)
     micro_batch_size: int = 64  # sequences per forward/backward; gradients accumulate over the step
     fsdp: bool = False  # torchrun: shard the student with FSDP2 fully_shard (too big for one device)
-    dtype: str = "float32"  # student/teacher parameter dtype
+    dtype: str = "float32"  # compute precision; bfloat16 = autocast, the student's weights and AdamW state stay fp32
     device: str = "auto"  # "auto" picks cuda when available
     # run
     seed: int = 0
@@ -79,6 +81,11 @@ class TrainConfig:
     tensorboard: bool = False  # also write TensorBoard events (needs `tensorboard`)
     wandb_project: str | None = None  # also log to this Weights & Biases project (needs `wandb`)
     progress: bool = True  # show a progress bar
+    # precision, stops, memory (#18)
+    teacher_dtype: str | None = None  # the frozen teacher's weight dtype (default: dtype); bfloat16 halves its memory
+    save_dtype: str | None = None  # dtype of final/ (default: the dtype the student checkpoint came in)
+    stop_token_ids: list[int] = field(default_factory=list)  # ids that also end a sample, besides every eos id
+    gradient_checkpointing: bool = False  # recompute the student's activations in backward: less memory, more time
 
     @property
     def sampling(self) -> Sampling:
@@ -99,6 +106,14 @@ class TrainConfig:
         if (self.teacher_backend == "served") != (self.teacher_url is not None):
             raise ValueError("teacher_url is needed exactly when teacher_backend=served (e.g. teacher_url=http://host:8000)")
         _one_of("dtype", self.dtype, DTYPES)
+        # precision, stops, memory (#18)
+        if self.teacher_dtype is not None:
+            _one_of("teacher_dtype", self.teacher_dtype, DTYPES)
+        if self.save_dtype is not None:
+            _one_of("save_dtype", self.save_dtype, SAVE_DTYPES)
+        if any(i < 0 for i in self.stop_token_ids):
+            raise ValueError(f"stop_token_ids must be token ids >= 0, got {list(self.stop_token_ids)}")
+        check_device(self.device)
         for name in ("prompts_per_step", "completions_per_prompt", "max_new_tokens", "steps", "micro_batch_size",
                      "topk", "train_size", "eval_size"):
             if getattr(self, name) < 1:
