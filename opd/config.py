@@ -10,9 +10,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
-
 from opd.precision import check_device
 from opd.rollout import Sampling
 
@@ -172,6 +169,9 @@ def _one_of(name: str, value: str, accepted: tuple[str, ...]) -> None:
 
 def load_config(recipe: str | Path | None = None, overrides: list[str] = ()) -> TrainConfig:
     """Recipe YAML (optional) + `key=value` overrides onto the schema, then validated."""
+    from omegaconf import OmegaConf  # here: TrainConfig itself needs only the standard library (scripts/gpu-check.sh)
+    from omegaconf.errors import OmegaConfBaseException
+
     schema = OmegaConf.structured(TrainConfig)
     layers = []
     if recipe is not None:

@@ -182,3 +182,15 @@ def test_experimental_paths_are_named_once_at_start(caplog):
     assert [r.message.split(" has ")[0] for r in caplog.records] == ["experimental: vLLM rollouts",
                                                                      "experimental: served teacher"]
     assert untested_paths(TrainConfig(device="cpu", dtype="bfloat16")) == []
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA exit")
+def test_gpu_check_script_exits_nonzero_without_cuda():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "gpu-check.sh"
+    done = subprocess.run([str(script)], capture_output=True, text=True, env={"PATH": "/usr/bin:/bin",
+                                                                               "PYTHON": sys.executable}, timeout=120)
+    assert done.returncode == 3 and "no CUDA device here" in done.stderr
