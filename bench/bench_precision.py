@@ -25,11 +25,11 @@ from opd.fused import masked_token_logprobs
 from opd.logprobs import token_logprobs
 from opd.models import load_pair
 from opd.precision import set_compute_dtype
+from opd.rollout.hf import HFRolloutEngine
 from opd.tasks import load_task
 from opd.teacher.hf import score_tokens
 from opd.tokenization import pad_id, render_prompt
 from opd.train import make_optimizer, train_step
-from opd.rollout.hf import HFRolloutEngine
 
 
 def measure(student, teacher, tokenizer, prompts, config) -> dict:
