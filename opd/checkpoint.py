@@ -244,13 +244,20 @@ def load(path: Path, student, optimizer, scheduler) -> int:
     return int(state["step"])
 
 
-def save_final(run_dir: Path, student, tokenizer) -> Path:
-    """The final student as a plain Hugging Face folder: `from_pretrained(run_dir / 'final')`."""
+def save_final(run_dir: Path, student, tokenizer, dtype: str | None = None) -> Path:
+    """The final student as a plain Hugging Face folder: `from_pretrained(run_dir / 'final')`, in `dtype` if given."""
+    from opd.precision import save_pretrained_as
+
     final = Path(run_dir) / "final"
     tmp = final.with_name("final.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        lora.save_student(student, tmp)  # a LoRA student: the merged model, plus final/adapter/
+        if lora.is_lora(student):  # the merged model (fp32), plus final/adapter/
+            lora.save_student(student, tmp)
+        elif dtype is None:
+            student.save_pretrained(tmp)
+        else:
+            save_pretrained_as(student, tmp, dtype)
         tokenizer.save_pretrained(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

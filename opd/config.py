@@ -7,12 +7,13 @@ key or a value of the wrong type fails with the key's name before anything is lo
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
+from opd.precision import check_device
 from opd.rollout import Sampling
 from opd.vllm_setup import check_temperature
 
@@ -22,6 +23,7 @@ TASKS = ("arithmetic", "gsm8k", "gsm8k_privileged")
 BACKENDS = ("hf", "vllm")
 TEACHER_BACKENDS = ("hf", "vllm", "served", "none")
 DTYPES = ("float32", "bfloat16")
+SAVE_DTYPES = ("float32", "bfloat16", "float16")
 TINY_ALIASES = ("tiny:teacher", "tiny:student", "tiny:gsm8k")
 
 
@@ -81,7 +83,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global grad norm (0 = off)
     micro_batch_size: int = 64  # sequences per forward/backward; gradients accumulate over the step
     fsdp: bool = False  # torchrun: shard the student with FSDP2 fully_shard (too big for one device)
-    dtype: str = "float32"  # student/teacher parameter dtype
+    dtype: str = "float32"  # compute precision; bfloat16 = autocast, the student's weights and AdamW state stay fp32
     device: str = "auto"  # "auto" picks cuda when available
     # LoRA (#18)
     lora_rank: int = 0  # rank of a LoRA adapter on the student, trained alone (0 = off: full fine-tuning); needs opd[lora]
@@ -97,6 +99,12 @@ class TrainConfig:
     tensorboard: bool = False  # also write TensorBoard events (needs `tensorboard`)
     wandb_project: str | None = None  # also log to this Weights & Biases project (needs `wandb`)
     progress: bool = True  # show a progress bar
+    # precision, stops, memory (#18)
+    teacher_dtype: str | None = None  # the frozen teacher's weight dtype (default: dtype); bfloat16 halves its memory
+    save_dtype: str | None = None  # dtype of final/ (default: the dtype the student checkpoint came in)
+    stop_token_ids: list[int] = field(default_factory=list)  # ids that also end a sample, besides every eos id
+    gradient_checkpointing: bool = False  # recompute the student's activations in backward: less memory, more time
+
     # run folder (#17); on resume every field is training-relevant unless in opd.runfolder.NOT_TRAINING
     keep_last: int = 3  # checkpoints kept in out_dir (0 = all); older ones are deleted once a newer one is complete
     overwrite: bool = False  # a fresh run into a used out_dir moves its old contents to <out_dir>.old-<time>/
@@ -125,6 +133,14 @@ class TrainConfig:
         if (self.teacher_backend == "served") != (self.teacher_url is not None):
             raise ValueError("teacher_url is needed exactly when teacher_backend=served (e.g. teacher_url=http://host:8000)")
         _one_of("dtype", self.dtype, DTYPES)
+        # precision, stops, memory (#18)
+        if self.teacher_dtype is not None:
+            _one_of("teacher_dtype", self.teacher_dtype, DTYPES)
+        if self.save_dtype is not None:
+            _one_of("save_dtype", self.save_dtype, SAVE_DTYPES)
+        if any(i < 0 for i in self.stop_token_ids):
+            raise ValueError(f"stop_token_ids must be token ids >= 0, got {list(self.stop_token_ids)}")
+        check_device(self.device)
         for name in ("prompts_per_step", "completions_per_prompt", "max_new_tokens", "micro_batch_size",
                      "topk", "train_size", "eval_size"):
             if getattr(self, name) < 1:

@@ -94,7 +94,9 @@ def unsharded(model: torch.nn.Module, d: Dist) -> torch.nn.Module | None:
         return None
     plain = AutoModelForCausalLM.from_config(model.config, dtype=next(iter(state.values())).dtype)
     plain.load_state_dict(state)
-    return plain
+    from opd.precision import compute_dtype_of, set_compute_dtype
+
+    return set_compute_dtype(plain, str(compute_dtype_of(model)).removeprefix("torch."))  # evaluate as it trains
 
 
 def optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:

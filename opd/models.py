@@ -2,20 +2,26 @@
 
 `from_pretrained` from local folders (the bundled pair resolves `tiny:teacher` /
 `tiny:student` to folders inside the package); the teacher is frozen, dropout is off in
-both, and the two tokenizers are checked for compatibility before anything trains.
+both (every dropout probability of the config, not only `nn.Dropout` modules), and the two
+tokenizers are checked for compatibility before anything trains. Each model is checked at load:
+finite weights, and a tiny train-mode forward, run twice, that gives finite and equal logits.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
 from opd.lora import apply_lora
+from opd.precision import checkpoint_dtype, set_compute_dtype, torch_dtype
 from opd.teacher import REMOTE_BACKENDS
 from opd.teacher.hf import freeze
-from opd.tokenization import check_tokenizers_compatible
+from opd.tokenization import check_tokenizers_compatible, pad_id, stop_token_ids  # noqa: F401 (re-exported)
+
+log = logging.getLogger(__name__)
 
 TINY_DIR = Path(__file__).resolve().parent / "assets" / "tiny"
 
@@ -33,33 +39,105 @@ def pick_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def load_model(path: str, dtype: str = "float32", device: str = "cpu") -> torch.nn.Module:
-    model = AutoModelForCausalLM.from_pretrained(resolve(path), dtype=getattr(torch, dtype))
-    for module in model.modules():  # dropout off: the student is trained on its own, deterministic policy
+def is_dropout_field(name: str, value) -> bool:
+    """A config attribute holding a dropout probability: a float named `*dropout*` or `*pdrop`."""
+    return isinstance(value, float) and not isinstance(value, bool) and ("dropout" in name or name.endswith("pdrop"))
+
+
+def without_dropout(config: PretrainedConfig) -> PretrainedConfig:
+    """`config` with every dropout probability set to 0, nested sub-configs included (in place; returned).
+
+    Llama, Qwen and others apply `attention_dropout` functionally when `model.training`, with no
+    `nn.Dropout` module to switch off; a policy with dropout is not the policy that sampled.
+    """
+    for name, value in list(vars(config).items()):
+        if is_dropout_field(name, value) and value != 0.0:
+            setattr(config, name, 0.0)
+        elif isinstance(value, PretrainedConfig):
+            without_dropout(value)
+    return config
+
+
+def save_dtype(config) -> str:
+    """The dtype `final/` is saved in: `save_dtype`, else the dtype the student checkpoint came in."""
+    return config.save_dtype or checkpoint_dtype(AutoConfig.from_pretrained(resolve(config.student)))
+
+
+def load_model(path: str, dtype: str = "float32", device: str = "cpu", compute_dtype: str | None = None,
+               name: str = "model") -> torch.nn.Module:
+    """A causal LM from its folder: weights in `dtype`, the backbone computing in `compute_dtype` (default: `dtype`).
+
+    Dropout is off for real (config probabilities and modules); `check_loaded` then names `name`
+    (student/teacher) if a weight or the logits of a tiny forward are not finite.
+    """
+    config = without_dropout(AutoConfig.from_pretrained(resolve(path)))
+    model = AutoModelForCausalLM.from_pretrained(resolve(path), config=config, dtype=torch_dtype(dtype))
+    for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
-    return model.to(pick_device(device))
+    model = model.to(pick_device(device))
+    set_compute_dtype(model, compute_dtype or dtype)
+    check_loaded(model, name)
+    return model
+
+
+@torch.no_grad()
+def check_loaded(model: torch.nn.Module, name: str) -> None:
+    """Raise ValueError naming `name` on a non-finite weight, non-finite logits, or a forward that is not deterministic.
+
+    The forward is one 8-token row in train mode, run twice: any dropout left on makes the two differ
+    (by up to 3.9 in the logits at attention_dropout=0.1), and a NaN/inf weight the weight scan
+    missed (a buffer, an overflow in bf16) shows in the logits.
+    """
+    for param_name, param in model.named_parameters():
+        if not torch.isfinite(param).all():
+            bad = int((~torch.isfinite(param)).sum())
+            raise ValueError(f"{name}: weight {param_name!r} has {bad} non-finite values (NaN or inf) of "
+                             f"{param.numel()}; the checkpoint is damaged: re-download or re-save it")
+    was_training = model.training
+    model.train()
+    try:
+        device = next(model.parameters()).device
+        ids_1_S = torch.arange(8, device=device)[None] % model.get_input_embeddings().weight.shape[0]
+        first, second = (model(input_ids=ids_1_S).logits.float() for _ in range(2))
+    finally:
+        model.train(was_training)
+    if not torch.isfinite(first).all():
+        raise ValueError(f"{name}: the logits of a first forward are not finite (NaN or inf) although every weight is; "
+                         f"the model overflows in this dtype: load it with dtype=float32")
+    if not torch.allclose(first, second, rtol=1e-4, atol=1e-4):
+        raise ValueError(f"{name}: two train-mode forwards of one input differ by up to "
+                         f"{(first - second).abs().max().item():.3g}: something random (dropout?) is still on in "
+                         f"{type(model).__name__}; opd trains the sampling policy, which must be deterministic")
 
 
 def load_tokenizer(path: str):
-    tokenizer = AutoTokenizer.from_pretrained(resolve(path))
-    if tokenizer.pad_token_id is None:
-        raise ValueError(f"tokenizer of {path!r} has no pad token; set one (e.g. tokenizer.pad_token = '<pad>') and save it")
-    return tokenizer
+    """The tokenizer of a model folder; a missing pad token is fine (see `pad_id`)."""
+    return AutoTokenizer.from_pretrained(resolve(path))
 
 
 def load_pair(config) -> tuple[torch.nn.Module, torch.nn.Module, object, object]:
     """(frozen teacher, trainable student, student tokenizer, teacher tokenizer).
 
     A teacher that runs elsewhere (teacher_backend=vllm|served, #18) is its config only: no weights load here.
+    The student's weights are fp32 whatever `config.dtype` (the compute precision, opd/precision.py);
+    the frozen teacher's are `teacher_dtype`. Each model's generation config is given the run's whole
+    stop set, so every engine built on it, and the saved `final/`, stop on the same ids.
     """
     tokenizer, teacher_tokenizer = load_tokenizer(config.student), load_tokenizer(config.teacher)
     check_tokenizers_compatible(teacher_tokenizer, tokenizer)
     if config.teacher_backend in REMOTE_BACKENDS:
         teacher = AutoConfig.from_pretrained(resolve(config.teacher))
     else:
-        teacher = freeze(load_model(config.teacher, config.dtype, config.device))
-    student = load_model(config.student, config.dtype, config.device)
+        teacher = freeze(load_model(config.teacher, config.teacher_dtype or config.dtype, config.device,
+                                    compute_dtype=config.dtype, name="teacher"))
+    student = load_model(config.student, "float32", config.device, compute_dtype=config.dtype, name="student")
+    for model, tok in ((teacher, teacher_tokenizer), (student, tokenizer)):
+        if isinstance(model, torch.nn.Module):
+            model.generation_config.eos_token_id = list(stop_token_ids(tok, model.generation_config,
+                                                                       config.stop_token_ids))
+    if config.gradient_checkpointing:  # non-reentrant: works with frozen inputs and under autocast
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     student = apply_lora(student, config.lora_rank, config.lora_alpha, config.lora_targets)
     student.train()
     return teacher, student, tokenizer, teacher_tokenizer

@@ -31,9 +31,10 @@ from opd.data import load_data, rendered, resolve_steps
 from opd.logprobs import masked_mean
 from opd.losses import cross_entropy_loss
 from opd.metrics import MetricsWriter
-from opd.models import load_pair
+from opd.models import load_pair, save_dtype
 from opd.rollout import make_rollout_engine
 from opd.teacher import TeacherScores
+from opd.tokenization import pad_id
 from opd.train import (attach, make_evaluator, make_optimizer, sampled_token_logprobs, step_prompts,
                        train_step)
 from opd.types import Batch, Rollout
@@ -85,7 +86,7 @@ def train_offpolicy(config: TrainConfig) -> Path:
                                              config.sampling, seed=config.seed * 1_000_003 + step + 7919 * d.rank)
         rollouts_PG = on_student_prompts(samples_PG, chosen_P, prompts)
         attach(rollouts_PG, chosen_P, teacher_prompts, examples, tokenizer, data.reward)
-        batch = collate(rollouts_PG, own_scores(samples_PG), tokenizer.pad_token_id)
+        batch = collate(rollouts_PG, own_scores(samples_PG), pad_id(tokenizer))
         t1 = time.perf_counter()
         num_tokens = int(distributed.all_sum(batch.num_tokens, d))
         metrics = train_step(student, optimizer, batch, config, num_tokens, d, vocab_size=len(tokenizer),
@@ -109,7 +110,7 @@ def train_offpolicy(config: TrainConfig) -> Path:
                             scheduler, config)
     if d.main:
         writer.close()
-        checkpoint.save_final(run_dir, student, tokenizer)
+        checkpoint.save_final(run_dir, student, tokenizer, dtype=save_dtype(config))
     distributed.barrier(d)
     distributed.close(d)
     run.close()

@@ -13,7 +13,6 @@ import functools
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 from opd.tasks.base import Example
 from opd.tasks.gsm8k import split_solution

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterable
+
 import torch
 from transformers import PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
 
 Messages = list[dict[str, str]]
 
@@ -28,11 +33,19 @@ def check_tokenizers_compatible(teacher: PreTrainedTokenizerBase, student: PreTr
     Every teacher token must exist in the student vocab with the same id, every student
     id below the teacher's size must map to the same string, and the special-token ids
     must agree. Extra student ids above the teacher's range are allowed (padded rows).
+    The pad token is not compared: opd never reads it (masks come from lengths, DESIGN.md §3), so
+    both lacking one, or one tokenizer padding with its eos, is fine.
     """
-    for name in ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id"):
-        t, s = getattr(teacher, name), getattr(student, name)
+    for name in ("bos_token", "eos_token", "unk_token"):
+        t, s = getattr(teacher, f"{name}_id"), getattr(student, f"{name}_id")
         if t != s:
-            raise ValueError(f"tokenizers disagree on {name}: teacher {t}, student {s}; use the same tokenizer family")
+            t_str, s_str = getattr(teacher, name), getattr(student, name)
+            fix = (f"set the student's {name} to the teacher's ({t_str!r}) in its tokenizer_config.json"
+                   if t is not None and t_str in student.get_vocab() else
+                   f"set the teacher's {name} to the student's ({s_str!r}) in its tokenizer_config.json"
+                   if s is not None and s_str in teacher.get_vocab() else "use one tokenizer family for both")
+            raise ValueError(f"tokenizers disagree on {name}_id: teacher {t} ({t_str!r}), student {s} ({s_str!r}); "
+                             f"{fix}")
     teacher_vocab, student_vocab = teacher.get_vocab(), student.get_vocab()
     student_by_id = {i: tok for tok, i in student_vocab.items()}
     for token, i in sorted(teacher_vocab.items(), key=lambda kv: kv[1]):
@@ -76,3 +89,42 @@ def check_embedding_covers_tokenizer(model, tokenizer: PreTrainedTokenizerBase, 
     if rows < len(tokenizer):
         raise ValueError(f"{name}: the model has {rows} output rows but its tokenizer has {len(tokenizer)} tokens; "
                          f"resize the embedding (model.resize_token_embeddings(len(tokenizer))) and save it")
+
+
+_SAID_PAD: set[int] = set()
+
+
+def pad_id(tokenizer) -> int:
+    """The id opd fills padding with: the tokenizer's pad, else its eos, else 0.
+
+    Any id will do: masks come from prompt and completion lengths, never from ids (DESIGN.md §3),
+    so a tokenizer needs no pad token. Said once per id when the tokenizer has none.
+    """
+    if tokenizer.pad_token_id is not None:
+        return tokenizer.pad_token_id
+    fill = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    if fill not in _SAID_PAD:
+        _SAID_PAD.add(fill)
+        log.info("the tokenizer has no pad token; opd pads with id %d internally (masks come from lengths)", fill)
+    return fill
+
+
+def stop_token_ids(tokenizer, generation_config=None, extra: Iterable[int] = ()) -> tuple[int, ...]:
+    """Every id that ends a sample: the tokenizer's eos, each `generation_config.eos_token_id` (int or list), `extra`.
+
+    Llama-3 ends a turn with `<|eot_id|>`, Qwen with `<|im_end|>` or `<|endoftext|>`: only the
+    generation config lists them all, and vLLM stops on it, so both engines must.
+    """
+    ids = set(int(i) for i in extra)
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    listed = getattr(generation_config, "eos_token_id", None)
+    if listed is not None:
+        ids.update(int(i) for i in ([listed] if isinstance(listed, int) else listed))
+    if not ids:
+        raise ValueError("no stop token: the tokenizer has no eos token and the generation config lists none; "
+                         "set stop_token_ids=[ID] (the id that ends an assistant turn)")
+    size = len(tokenizer)
+    if out := sorted(i for i in ids if not 0 <= i < size):
+        raise ValueError(f"stop token ids {out} are outside the tokenizer's range [0, {size}); fix stop_token_ids")
+    return tuple(sorted(ids))

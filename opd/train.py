@@ -25,15 +25,15 @@ from opd.evaluate import Evaluator
 from opd.fused import (active_hidden_states, active_logits, head_weight, linear_jsd_loss, masked_token_logprobs,
                        supports_fused)
 from opd.logprobs import masked_mean, token_logprobs
-from opd.lora import trainable_parameters
 from opd.losses import (generalized_jsd_loss, grpo_advantages, importance_sampling_loss,
                         opsm_mask, reverse_kl_advantages, topk_forward_kl_loss)
 from opd.metrics import MetricsWriter
-from opd.models import load_pair
+from opd.models import load_pair, save_dtype
 from opd.rewards import Reward, final_answer, make_reward, reward_name, score
+from opd.support import warn_untested
 from opd.rollout import make_rollout_engine
 from opd.teacher import make_teacher_scorer
-from opd.tokenization import vocab_logits
+from opd.tokenization import pad_id, vocab_logits
 from opd.types import Batch, Rollout
 from opd.validate import validate_setup
 
@@ -49,6 +49,7 @@ def train(config: TrainConfig) -> Path:
     run = runfolder.open_run(config, d)  # the lock, and a fresh, overwritten or resumed run: before any model loads
     run_dir = run.path
     torch.manual_seed(config.seed)
+    warn_untested(config)
     teacher, student, tokenizer, teacher_tokenizer = load_pair(config)
     if config.fsdp and d.world > 1:
         if config.prompts_per_step % d.world:  # a sharded forward is a collective: equal rows on every rank
@@ -87,7 +88,7 @@ def train(config: TrainConfig) -> Path:
         t1 = time.perf_counter()
         scores = teacher_scores(scorer, rollouts_PG, config)
         task_advantages_B = task_advantages(rollouts_PG, config)
-        batch = collate(rollouts_PG, scores, tokenizer.pad_token_id, advantages_B=task_advantages_B)
+        batch = collate(rollouts_PG, scores, pad_id(tokenizer), advantages_B=task_advantages_B)
         t2 = time.perf_counter()
         num_tokens = int(distributed.all_sum(batch.num_tokens, d))  # the step-global normalizer
         metrics = train_step(student, optimizer, batch, config, num_tokens, d, vocab_size=len(tokenizer))
@@ -115,7 +116,7 @@ def train(config: TrainConfig) -> Path:
             checkpoint.save(run_dir, step, plain_student, tokenizer, optimizer_state, scheduler, config)
     if d.main:
         writer.close()
-        checkpoint.save_final(run_dir, plain_student, tokenizer)
+        checkpoint.save_final(run_dir, plain_student, tokenizer, dtype=save_dtype(config))
     distributed.barrier(d)
     distributed.close(d)
     run.close()
@@ -127,9 +128,14 @@ def make_optimizer(student: torch.nn.Module, config: TrainConfig):
 
     fused: one kernel instead of foreach temporaries as large as the parameters (4.7x faster on
     CPU at 23M parameters, and what TRL uses); the same AdamW update. Only trainable parameters
-    (a LoRA student's adapter), so frozen weights carry no optimizer state.
+    (a LoRA student's adapter), so frozen weights carry no optimizer state, and over fp32 weights only:
+    an in-place update of bf16 weights loses every step below bf16's resolution (opd/precision.py).
     """
-    optimizer = torch.optim.AdamW(trainable_parameters(student), lr=config.lr, weight_decay=config.weight_decay,
+    trainable = [(name, p) for name, p in student.named_parameters() if p.requires_grad]
+    if low := [name for name, p in trainable if p.dtype != torch.float32]:
+        raise ValueError(f"the student's trainable weights must be float32 (AdamW would lose updates below bf16's "
+                         f"resolution), got {low[0]!r} in {dict(trainable)[low[0]].dtype}; load it with opd.models.load_pair")
+    optimizer = torch.optim.AdamW([p for _, p in trainable], lr=config.lr, weight_decay=config.weight_decay,
                                   fused=next(student.parameters()).device.type in ("cpu", "cuda"))
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config))
 

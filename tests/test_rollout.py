@@ -106,14 +106,14 @@ def test_inverse_cdf_sampling_draws_from_the_processed_distribution():
     z = logits_V / 0.7
     probs = torch.cat([torch.softmax(z[:3], -1), torch.zeros(2)])
     n = 40_000
-    ids, logprobs = sample_next(logits_V.expand(n, 5).clone(), sampling, eos_id=None, generator=torch.Generator().manual_seed(0))
+    ids, logprobs = sample_next(logits_V.expand(n, 5).clone(), sampling, forbid_ids=None, generator=torch.Generator().manual_seed(0))
     freq = torch.bincount(ids, minlength=5).double() / n
     assert freq[3] == 0 and freq[4] == 0
     stderr = (probs * (1 - probs) / n).sqrt().double()
     assert ((freq - probs.double()).abs() <= 5 * stderr + 1e-12).all(), (freq, probs)
     torch.testing.assert_close(logprobs, probs.log()[ids])
     # before min_new_tokens eos (here id 0, the likeliest) is removed and the rest renormalized
-    ids, logprobs = sample_next(logits_V.expand(n, 5).clone(), Sampling(temperature=0.7), eos_id=0,
+    ids, logprobs = sample_next(logits_V.expand(n, 5).clone(), Sampling(temperature=0.7), forbid_ids=0,
                                 generator=torch.Generator().manual_seed(1))
     assert (ids != 0).all()
     torch.testing.assert_close(logprobs, torch.log_softmax(z[1:], -1)[ids - 1])

@@ -127,9 +127,11 @@ def test_a_teacher_token_the_student_lacks_is_rejected_naming_it(tokenizer):
 
 def test_special_token_ids_must_agree(tokenizer):
     student = load_tokenizer("tiny:student")
-    student.pad_token = student.eos_token
-    with pytest.raises(ValueError, match=rf"disagree on pad_token_id: teacher {tokenizer.pad_token_id}, "
-                                         rf"student {student.eos_token_id}"):
+    student.pad_token = student.eos_token  # the pad token is never read (masks come from lengths): fine (#18)
+    check_tokenizers_compatible(tokenizer, student)
+    student.bos_token = student.eos_token
+    with pytest.raises(ValueError, match=rf"disagree on bos_token_id: teacher {tokenizer.bos_token_id} .*, "
+                                         rf"student {student.eos_token_id} .*set the student's bos_token"):
         check_tokenizers_compatible(tokenizer, student)
 
 

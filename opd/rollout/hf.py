@@ -5,22 +5,24 @@ machinery (logits-processor lists, stopping criteria, `output_scores` kept for e
 stacked into `[B, N, V]` at the end) and `torch.multinomial` (one exponential random number per
 vocabulary entry per row per step) cost as much as the forward itself (bench/bench_step.py).
 This loop does the same work with less around it:
-- one forward per step over the rows still running: a row that sampled eos leaves the batch
+- one forward per step over the rows still running: a row that sampled a stop id leaves the batch
   (its KV cache rows are dropped), so finished rows cost nothing;
 - the KV cache is preallocated for prompt + max_new_tokens and each step writes one slot in
   place (`PreallocatedLayer`); transformers' DynamicCache concatenates, copying the whole cache
   every step, which was the largest single cost of a decode step on the tiny student;
 - the sampler logprob of each token is read from the very distribution it was drawn from:
-  `log_softmax` of `z / τ` after top-k / top-p truncation and after min_new_tokens removed eos
+  `log_softmax` of `z / τ` after top-k / top-p truncation and after min_new_tokens removed the stops
   (DESIGN.md §4), so `p` needs no second forward and equals the trainer's recomputation;
 - sampling by inverse CDF: one uniform number per row and a float64 cumulative sum, instead of
   `V` exponentials per row; exact up to float64 rounding, and a zero-probability token (truncated,
-  or eos before min_new_tokens) can never be drawn;
+  or a stop before min_new_tokens) can never be drawn;
 - logits are cut to the tokenizer's ids before anything else, so padded embedding rows
   (e.g. 151,936 rows for 151,665 tokens) are never sampled and never enter a softmax (§5).
 Positions follow the attention mask (left padding), so a prompt generates the same alone or in
 a batch. The random stream is a `torch.Generator` seeded per call: deterministic, and the global
-RNG is left alone.
+RNG is left alone. A sample ends at any id of the stop set (`opd.tokenization.stop_token_ids`: the
+tokenizer's eos and every `generation_config.eos_token_id`), and that id is its last completion token.
+No pad token is needed: padding is masked out, so any id fills it (`opd.tokenization.pad_id`).
 """
 
 from __future__ import annotations
@@ -32,20 +34,26 @@ from transformers.cache_utils import DynamicLayer
 from opd.distributed import is_sharded
 from opd.logprobs import _truncation_threshold
 from opd.rollout import Sampling
+from opd.tokenization import pad_id, stop_token_ids
 from opd.types import Rollout
 
 
 class HFRolloutEngine:
-    """Samples from the very `model` object it is given, so `load_weights` is a no-op when shared."""
+    """Samples from the very `model` object it is given, so `load_weights` is a no-op when shared.
 
-    def __init__(self, model: torch.nn.Module, tokenizer, batch_size: int = 256):
+    `stop_ids`: the ids that end a sample (default: `stop_token_ids(tokenizer, model.generation_config)`).
+    """
+
+    def __init__(self, model: torch.nn.Module, tokenizer, batch_size: int = 256, stop_ids=None):
         self.model = model
-        self.pad_id = tokenizer.pad_token_id
-        self.eos_id = tokenizer.eos_token_id
+        self.pad_id = pad_id(tokenizer)
+        if stop_ids is None:
+            stop_ids = stop_token_ids(tokenizer, getattr(model, "generation_config", None))
+        self.stop_ids = tuple(int(i) for i in stop_ids)
+        if not self.stop_ids:
+            raise ValueError("HFRolloutEngine needs at least one stop id")
         self.vocab_size = len(tokenizer)  # ids at or above this are embedding padding, never tokens
         self.batch_size = batch_size
-        if self.pad_id is None or self.eos_id is None:
-            raise ValueError("the tokenizer needs a pad and an eos token for batched generation")
 
     def load_weights(self, model: torch.nn.Module) -> None:
         if model is not self.model:
@@ -79,7 +87,8 @@ class HFRolloutEngine:
         position_ids_A_S = (attention_mask_A_W.cumsum(-1) - 1).clamp(min=0)
         tokens_B_N = torch.full((B, N), self.pad_id, dtype=torch.long, device=device)
         logprobs_B_N = torch.zeros((B, N), device=device)
-        stop_B = torch.zeros(B, dtype=torch.long, device=device)  # completion length if eos was sampled, else 0
+        stop_B = torch.zeros(B, dtype=torch.long, device=device)  # completion length if a stop was sampled, else 0
+        stops_S = torch.tensor(self.stop_ids, device=device)
         rows_A = torch.arange(B, device=device)  # original row of each running (A) row
         cache = preallocated_cache(self.model.config, width + N)
         lockstep = is_sharded(self.model)  # FSDP (opd/distributed.py)
@@ -87,10 +96,10 @@ class HFRolloutEngine:
             logits_A_V = self.model(input_ids=input_ids_A_S, attention_mask=attention_mask_A_W,
                                     position_ids=position_ids_A_S, past_key_values=cache, use_cache=True,
                                     logits_to_keep=1).logits[:, -1, : self.vocab_size]
-            ids_A, logprobs_A = sample_next(logits_A_V, sampling, eos_id=self.eos_id if step < sampling.min_new_tokens
+            ids_A, logprobs_A = sample_next(logits_A_V, sampling, forbid_ids=stops_S if step < sampling.min_new_tokens
                                             else None, generator=generator)
             tokens_B_N[rows_A, step], logprobs_B_N[rows_A, step] = ids_A, logprobs_A
-            running_A = ids_A != self.eos_id
+            running_A = ~torch.isin(ids_A, stops_S)
             if lockstep:  # every row stays: a sharded forward is a collective, so each rank runs all N of them
                 first_A = ~running_A & (stop_B[rows_A] == 0)
                 stop_B[rows_A[first_A]] = step + 1
@@ -157,18 +166,18 @@ def preallocated_cache(config, max_len: int) -> DynamicCache:
     return cache
 
 
-def sample_next(logits_A_V: torch.Tensor, sampling: Sampling, eos_id: int | None,
+def sample_next(logits_A_V: torch.Tensor, sampling: Sampling, forbid_ids: torch.Tensor | int | None,
                 generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids_A, logprobs_A): one token per row and its logprob under the distribution it was drawn from.
 
-    `eos_id` (before min_new_tokens) is removed first, as transformers' MinNewTokensLengthLogitsProcessor
-    does; then z = logits / τ, truncated by top-k then top-p with the trainer's own threshold
-    (`opd.logprobs`), so the logprob equals `token_logprobs` recomputed on the same logits. Greedy
+    `forbid_ids` (every stop id, before min_new_tokens) are removed first, as transformers'
+    MinNewTokensLengthLogitsProcessor does with each eos id; then z = logits / τ, truncated by top-k
+    then top-p with the trainer's own threshold (`opd.logprobs`), so the logprob equals `token_logprobs` recomputed on the same logits. Greedy
     takes the argmax of the raw logits and reports its logprob under softmax(logits).
     """
     z_A_V = logits_A_V.float()
-    if eos_id is not None:
-        z_A_V[:, eos_id] = float("-inf")
+    if forbid_ids is not None:
+        z_A_V[:, forbid_ids] = float("-inf")
     if sampling.greedy:
         logprobs_A_V = torch.log_softmax(z_A_V, dim=-1)
         ids_A = logprobs_A_V.argmax(-1)

@@ -1,0 +1,111 @@
+"""The bf16 training run of scripts/gpu-check.sh: a Qwen3-0.6B-shaped student against a Qwen3-1.7B-shaped teacher.
+
+Both are random-initialised from configs written here (no model hub, no internet) and saved as ordinary
+`from_pretrained` folders in bf16, as Qwen3 checkpoints come. The tokenizer is the bundled one, grown to
+Qwen3's 151,669 tokens with placeholder tokens, so every softmax spans Qwen's vocabulary, and the
+embedding has Qwen's 151,936 rows (a padded vocabulary). One `opd.train.train` run at dtype=bfloat16
+(fp32 student weights, a bf16 teacher), 32 prompts × 4 completions × 256 tokens (min_new_tokens fixes
+the length: a random student never stops); prints tokens/s, the step's phases and peak GPU memory.
+Needs only torch and transformers. `--cpu-smoke` runs the same code at tiny sizes on the CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, Qwen3Config
+
+from opd.config import TrainConfig
+from opd.metrics import read_metrics
+from opd.models import load_tokenizer
+from opd.train import train
+
+QWEN3 = {  # shapes of Qwen3-0.6B and Qwen3-1.7B (their config.json), tied embeddings
+    "student": dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
+                    num_key_value_heads=8, head_dim=128),
+    "teacher": dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
+                    num_key_value_heads=8, head_dim=128),
+}
+SMOKE = {
+    "student": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, head_dim=16),
+    "teacher": dict(hidden_size=96, intermediate_size=192, num_hidden_layers=3, num_attention_heads=4,
+                    num_key_value_heads=2, head_dim=24),
+}
+
+
+def grown_tokenizer(size: int):
+    """The bundled tokenizer with placeholder tokens up to `size` (its own ids, template and specials unchanged)."""
+    tokenizer = load_tokenizer("tiny:student")
+    tokenizer.add_tokens([f"<|q{i}|>" for i in range(size - len(tokenizer))])
+    return tokenizer
+
+
+def build(folder: Path, shape: dict, rows: int, tokenizer, device: str, seed: int) -> Path:
+    config = Qwen3Config(vocab_size=rows, tie_word_embeddings=True, max_position_embeddings=4096,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, **shape)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    del model
+    return folder
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--cpu-smoke", action="store_true", help="tiny sizes on the CPU (checks this script)")
+    parser.add_argument("--steps", type=int, default=3)
+    args = parser.parse_args()
+    smoke = args.cpu_smoke
+    if not smoke and not torch.cuda.is_available():
+        print("gpu_check: no CUDA device (torch.cuda.is_available() is False); use --cpu-smoke", file=sys.stderr)
+        return 3
+    device = "cpu" if smoke else "cuda"
+    shapes, tokens, rows = (SMOKE, 4096, 4224) if smoke else (QWEN3, 151_669, 151_936)
+    P, G, N = (4, 2, 16) if smoke else (32, 4, 256)
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="opd-gpu-check-") as tmp:
+        tokenizer = grown_tokenizer(tokens)
+        student = build(Path(tmp) / "student", shapes["student"], rows, tokenizer, device, seed=0)
+        teacher = build(Path(tmp) / "teacher", shapes["teacher"], rows, tokenizer, device, seed=1)
+        built = time.perf_counter() - t0
+        config = TrainConfig(student=str(student), teacher=str(teacher), dtype="bfloat16", teacher_dtype="bfloat16",
+                             device=device, steps=args.steps, prompts_per_step=P, completions_per_prompt=G,
+                             max_new_tokens=N, min_new_tokens=N, micro_batch_size=16, lr=1e-6, train_size=P,
+                             eval_size=2, eval_every=0, save_every=0, log_samples=0, progress=False,
+                             out_dir=str(Path(tmp) / "run")).validate()
+        if not smoke:
+            torch.cuda.reset_peak_memory_stats()
+        t1 = time.perf_counter()
+        run_dir = train(config)
+        trained = time.perf_counter() - t1
+        records = [r for r in read_metrics(run_dir) if r["step"] > 0]
+        final_ok = (run_dir / "final" / "config.json").is_file()
+    report = {
+        "device": torch.cuda.get_device_name() if not smoke else "cpu (smoke)",
+        "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "shape": "smoke" if smoke else "qwen3 0.6B/1.7B",
+        "prompts x completions x tokens": f"{P} x {G} x {N}", "steps": args.steps,
+        "tokens_per_s_each_step": [round(r["perf/tokens_per_s"]) for r in records],
+        "generate_s": [round(r["perf/generate_s"], 2) for r in records],
+        "score_s": [round(r["perf/score_s"], 2) for r in records],
+        "train_s": [round(r["perf/train_s"], 2) for r in records],
+        "is_ratio_step_1": records[0].get("opd/is_ratio"),
+        "peak_gpu_memory_GiB": None if smoke else round(torch.cuda.max_memory_allocated() / 2**30, 2),
+        "build_s": round(built, 1), "train_total_s": round(trained, 1), "final_saved": final_ok,
+    }
+    print(json.dumps(report, indent=2))
+    finite = all(all(v == v for v in r.values() if isinstance(v, float)) for r in records)
+    return 0 if final_ok and finite and len(records) == args.steps else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
