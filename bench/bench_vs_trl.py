@@ -15,7 +15,7 @@ built here from `transformers` Llama configs with a 32,000-token vocabulary (23M
 (`scripts/get-smollm2.sh`) and its 6-of-30-layer cut (`opd init-student --keep 6`). The speed runs force a fixed completion length
 (`min_new_tokens = max_new_tokens`) so both trainers generate, score and train on the same number of
 tokens. At scale (b) opd trains each step in micro-batches of 4 sequences (`micro`): the same
-gradient, since every micro-loss divides by the step's token count (DESIGN.md §4), with a quarter of
+gradient, since every micro-loss divides by the step's token count (docs/design.md §4), with a quarter of
 the activation memory; generation still runs all 16 at once. TRL ties its generation batch to its
 training batch (`gradient_accumulation_steps=4` would make it generate 4 sequences at a time), so
 it runs one batch of 16. The quality runs (scale a, natural stopping) train each trainer and then score every final

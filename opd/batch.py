@@ -1,4 +1,4 @@
-"""Rollouts + teacher scores -> one `Batch` in student target space (DESIGN.md §3).
+"""Rollouts + teacher scores -> one `Batch` in student target space (docs/design.md §3).
 
 The completion of row b occupies target positions `[len(prompt) - 1, len(prompt) - 1 + R)`;
 the teacher's values, cut from its own (possibly longer, privileged) prompt's target

@@ -2,7 +2,7 @@
 
 OmegaConf merges the recipe and the overrides onto the dataclass schema, so an unknown
 key or a value of the wrong type fails with the key's name before anything is loaded;
-`validate()` then checks the cross-field rules of DESIGN.md §5.
+`validate()` then checks the cross-field rules of docs/design.md §5.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ class TrainConfig:
     train_size: int = 4096  # prompts in the training pool
     eval_size: int = 200  # held-out prompts for evaluation
     eval_train_size: int = 0  # also evaluate the first N training prompts, logged as eval_train/* (0 = off)
-    # your own prompts (#19): `data` replaces `task` (opd/data.py; rows read as DESIGN.md §7 "Data rows")
+    # your own prompts (#19): `data` replaces `task` (opd/data.py; rows read as docs/design.md §7 "Data rows")
     data: str | None = None  # .jsonl/.json/.parquet/.csv, a save_to_disk folder or hf:NAME[:SPLIT]; every row trains
     eval_data: str | None = None  # held-out rows (at most eval_size); default: eval_fraction of `data`
     eval_fraction: float = 0.1  # rows of `data` held out by a hash of the row (0 = evaluate on training rows)

@@ -2,7 +2,7 @@
 
 Each rank samples and scores its share of the step's prompts (whole GRPO groups stay on
 one rank) and divides its loss by the step's active-token count summed over all ranks
-(DESIGN.md §4). The rank losses then add up to the single-process loss, so gradients
+(docs/design.md §4). The rank losses then add up to the single-process loss, so gradients
 are all-reduced with SUM, not averaged: no world-size factor to get right. One flat
 all-reduce per step after the micro-batches; DDP's bucketed overlap of communication
 with the backward pass is the optimization a GPU run would add.

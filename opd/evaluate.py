@@ -10,7 +10,7 @@ Accuracy and the final-answer span exist only when the run has a reward (`opd.re
 `reward=none` they are absent, not 0); a teacher trace cut off by `max_new_tokens` is counted and
 gets no final-answer span (its answer was never written).
 Every distribution is formed over each model's tokenizer range (`len(tokenizer)`), so a
-padded embedding changes nothing (DESIGN.md §5).
+padded embedding changes nothing (docs/design.md §5).
 """
 
 from __future__ import annotations

@@ -198,7 +198,7 @@ def linear_jsd_loss(hidden_N_H: Tensor, weight_V_H: Tensor, teacher_N_X: Tensor,
     """`generalized_jsd_loss(hidden @ weight.T, teacher logits, loss_mask, num_tokens)` without any `[N, V]` logits.
 
     Student: hidden_N_H and its head weight_V_H (`head_weight`). Teacher: logits `teacher_N_X = [N, V']`, or
-    hidden states `[N, H']` with `teacher_head_V_X = [V', H']` (the factored form of DESIGN.md §3). Rows
+    hidden states `[N, H']` with `teacher_head_V_X = [V', H']` (the factored form of docs/design.md §3). Rows
     whose mask is 0 are never computed. Both sides compare over the shared `V = min(V, V')` ids. The
     value, the `opd/jsd` metric and the gradients of `hidden` and `weight` equal the materialized loss's
     (tests/test_fused.py). `chunk_size` rows of logits exist at a time, the divergence runs on `sub_rows`
@@ -251,7 +251,7 @@ def masked_token_logprobs(model: torch.nn.Module, tokens_B_L: Tensor, attention_
     """logprobs_B_T of `tokens_B_L[:, 1:]` under `model` at the positions where `mask_B_T` is set, 0.0 elsewhere.
 
     The same values as `token_logprobs(model(...).logits[:, :-1], tokens[:, 1:], temperature)` on the
-    mask (DESIGN.md §3: masked positions hold 0.0), with logits only for the active rows.
+    mask (docs/design.md §3: masked positions hold 0.0), with logits only for the active rows.
     `vocab_size`: logits past it (padded embedding rows) are left out of the softmax.
     """
     active_B_T = mask_B_T != 0

@@ -1,6 +1,6 @@
 """Token log-probabilities, chunked logsumexp, masks and masked reductions.
 
-Pure tensor helpers for the data contract of DESIGN.md §3-4. Shapes: `B` sequences, `T` target
+Pure tensor helpers for the data contract of docs/design.md §3-4. Shapes: `B` sequences, `T` target
 positions, `V` vocabulary, `K` gathered ids per position, `N` flattened rows, `C` rows in one chunk.
 
 Memory rule: a full-vocabulary logsumexp is computed in fp32 one chunk of rows at a time, and the
@@ -138,7 +138,7 @@ def chunked_logsumexp(x_N_V: Tensor, chunk_size: int = 64, temperature: float = 
     returns `x.shape[:-1]`, fp32 (fp64 for an fp64 input). Equals `torch.logsumexp(x.float() / t, -1)`
     in value and gradient. The backward recomputes `softmax` per chunk and writes into one gradient
     tensor of `x`'s dtype. Rows whose upstream gradient is exactly 0 get an exact 0 gradient, so
-    NaN/inf garbage in masked rows never reaches the gradient (DESIGN.md §3).
+    NaN/inf garbage in masked rows never reaches the gradient (docs/design.md §3).
     """
     _check_chunk_size(chunk_size)
     _check_temperature(temperature)
@@ -233,7 +233,7 @@ def gather_logprobs(logits_B_T_V: Tensor, ids_B_T_K: Tensor, temperature: float 
 def completion_mask(prompt_lens_B: Tensor, completion_lens_B: Tensor, num_targets: int) -> Tensor:
     """`loss_mask_B_T`, float32 0/1: mask[b, t] = 1 iff p_b - 1 <= t < p_b - 1 + c_b.
 
-    Target position t predicts token t + 1 (DESIGN.md §3), so the first completion token of a
+    Target position t predicts token t + 1 (docs/design.md §3), so the first completion token of a
     sequence with prompt length p_b is target p_b - 1. Built from lengths, never from token ids.
     """
     if prompt_lens_B.dim() != 1 or prompt_lens_B.shape != completion_lens_B.shape:
@@ -273,7 +273,7 @@ def masked_mean(values_B_T: Tensor, mask_B_T: Tensor) -> Tensor:
 
 
 def normalized_sum(values_B_T: Tensor, mask_B_T: Tensor, num_tokens: float | Tensor) -> Tensor:
-    """Σ values·m / N, N = active tokens of the whole optimizer step (DESIGN.md §4 normalization).
+    """Σ values·m / N, N = active tokens of the whole optimizer step (docs/design.md §4 normalization).
 
     Using the step-global N makes the gradient independent of padding, micro-batching and ranks.
     N = 0 (nothing active anywhere) returns an exact 0 whose gradient is an exact 0.

@@ -12,7 +12,7 @@ On disk (`save_student`): a LoRA student is saved as the merged model, `W + (alp
 plain `from_pretrained` folder that needs no peft, plus `adapter/` (`adapter_config.json` and
 `adapter_model.safetensors`, as `PeftModel.save_pretrained` writes them). Resume loads only the
 adapter back (`load_adapter`): the base weights are frozen, so they are the student's own.
-Dropout on the adapter is 0 (DESIGN.md §7: every dropout is off). peft is imported here only.
+Dropout on the adapter is 0 (docs/design.md §7: every dropout is off). peft is imported here only.
 """
 
 from __future__ import annotations

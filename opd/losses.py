@@ -1,12 +1,12 @@
 """Pure loss functions for on-policy distillation: (tensors, scalars) -> (loss, metrics).
 
-Notation (DESIGN.md §3-4): `B` sequences, `T` target positions, `V` vocabulary, `K` teacher top-k.
+Notation (docs/design.md §3-4): `B` sequences, `T` target positions, `V` vocabulary, `K` teacher top-k.
 `p` = sampler logprob of the sampled token, `q` = teacher logprob of it, `m` = loss mask (0/1),
 `log π` = the trained student's logprob, `N` = active tokens of the whole optimizer step.
 Every loss is `Σ (per-token term · m) / N` (`logprobs.normalized_sum`), so `N = 0` gives an exact 0
 with a zero gradient. Masked positions are excluded with `torch.where`, never by multiplying with
 the mask, so NaN/inf stored there never reaches a loss or a gradient. Metrics are detached scalars,
-means over this call's active tokens, named as in DESIGN.md §6.
+means over this call's active tokens, named as in docs/design.md §6.
 """
 
 from __future__ import annotations
@@ -130,7 +130,7 @@ def cross_entropy_loss(student_logprobs_B_T: Tensor, loss_mask_B_T: Tensor,
         L = -Σ_t m_t · log π_θ,t / N
     (Kim & Rush 2016, "Sequence-Level Knowledge Distillation": maximum likelihood on sequences the
     teacher generated; the off-policy baseline of `opd.offpolicy`). Inputs `[B, T]`: the student's
-    logprob of each target token (at the sampling temperature τ, DESIGN.md §4) and the mask of the
+    logprob of each target token (at the sampling temperature τ, docs/design.md §4) and the mask of the
     completion targets; a masked slot may hold anything (even -inf or NaN) and never reaches the
     loss or the gradient. `∂L/∂log π_θ,t = -m_t / N`. Metric: `sft/nll` (mean -log π_θ, nats/token).
     """
@@ -177,7 +177,7 @@ def topk_forward_kl_loss(student_logits_B_T_V: Tensor, teacher_topk_ids_B_T_K: T
                          num_tokens: float | Tensor, temperature: float = 1.0, tail_bucket: bool = False,
                          sampled_ids_B_T: Tensor | None = None,
                          chunk_size: int = 64) -> tuple[Tensor, dict[str, Tensor]]:
-    """Forward KL to the teacher's top-k (open-instruct's top-k distillation; DESIGN.md §4).
+    """Forward KL to the teacher's top-k (open-instruct's top-k distillation; docs/design.md §4).
 
         ℓ_k = log softmax(z_s / τ)[v_k]   (full student softmax, no renormalization over the k ids)
         L_t = Σ_{k: ν_k finite} exp(ν_k) (ν_k - ℓ_k)

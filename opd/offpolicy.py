@@ -134,7 +134,7 @@ def own_scores(samples: list[Rollout]) -> list[TeacherScores]:
 
 def cross_entropy_micro_loss(student: torch.nn.Module, micro: Batch, config: TrainConfig, num_tokens: int,
                              vocab_size: int | None = None) -> tuple[torch.Tensor, dict]:
-    """-Σ m log π_θ / N on the teacher's completion tokens, at the sampling temperature (DESIGN.md §4).
+    """-Σ m log π_θ / N on the teacher's completion tokens, at the sampling temperature (docs/design.md §4).
 
     The student's logprobs come from `opd.train.sampled_token_logprobs` (the fused path where the
     model allows it, padded logits dropped) without truncation: the target is the teacher's token,

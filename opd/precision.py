@@ -1,4 +1,4 @@
-"""Compute precision (DESIGN.md §7 "Precision"): fp32 weights and optimizer state, bf16 compute where asked.
+"""Compute precision (docs/design.md §7 "Precision"): fp32 weights and optimizer state, bf16 compute where asked.
 
 `dtype=bfloat16` is a compute precision, not a storage one: the student's trainable weights and
 AdamW's state stay fp32, because OPD learning rates (1e-6 to 1e-5) sit far below bf16's resolution

@@ -1,4 +1,4 @@
-"""The one row schema (DESIGN.md §7 "Data rows"): a dict from a user's file or a built-in task -> `Example`.
+"""The one row schema (docs/design.md §7 "Data rows"): a dict from a user's file or a built-in task -> `Example`.
 
 It reads the peers' files as they are: TRL's `prompt` (messages or a string) and `teacher_id`;
 Fireworks' `messages` + `teacher_messages` + `expected_answer` (a trailing assistant turn is the
@@ -20,7 +20,7 @@ from opd.tasks.gsm8k import split_solution
 PROMPT_KEYS = ("prompt", "messages", "question", "input", "problem")  # first match wins
 TEACHER_KEYS = ("teacher_messages", "privileged_messages", "teacher_prompt_messages")  # Fireworks' precedence
 ANSWER_KEYS = ("expected_answer", "answer", "expected", "reward_model.ground_truth", "extra_info.answer")
-ROUTE_KEYS = ("teacher", "teacher_id", "data_source")  # kept for a multi-teacher run (DESIGN.md §7)
+ROUTE_KEYS = ("teacher", "teacher_id", "data_source")  # kept for a multi-teacher run (docs/design.md §7)
 ROLES = ("system", "developer", "user", "assistant", "tool")
 
 

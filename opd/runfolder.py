@@ -1,4 +1,4 @@
-"""The run folder (DESIGN.md §7): one process at a time, the same run on resume, nothing silently lost.
+"""The run folder (docs/design.md §7): one process at a time, the same run on resume, nothing silently lost.
 
 `open_run` is called once at the top of a training loop, before any model loads. It takes the
 folder's lock (an `fcntl.flock` the OS drops when the process dies, so kill -9 leaves no stale

@@ -1,4 +1,4 @@
-"""Chat rendering and teacher/student tokenizer compatibility (DESIGN.md §5)."""
+"""Chat rendering and teacher/student tokenizer compatibility (docs/design.md §5)."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def check_tokenizers_compatible(teacher: PreTrainedTokenizerBase, student: PreTr
     Every teacher token must exist in the student vocab with the same id, every student
     id below the teacher's size must map to the same string, and the special-token ids
     must agree. Extra student ids above the teacher's range are allowed (padded rows).
-    The pad token is not compared: opd never reads it (masks come from lengths, DESIGN.md §3), so
+    The pad token is not compared: opd never reads it (masks come from lengths, docs/design.md §3), so
     both lacking one, or one tokenizer padding with its eos, is fine.
     """
     for name in ("bos_token", "eos_token", "unk_token"):
@@ -66,7 +66,7 @@ def vocab_logits(logits_lead_V: torch.Tensor, vocab_size: int | None) -> torch.T
 
     Checkpoints often pad the embedding past the tokenizer (Qwen2.5: 151,936 rows for 151,665
     tokens) for matmul efficiency. Those rows are never a token, yet their logits would enter
-    every softmax; DESIGN.md §5 forms each distribution over the tokenizer range only, so a
+    every softmax; docs/design.md §5 forms each distribution over the tokenizer range only, so a
     padded model scores and trains exactly as the unpadded one.
     """
     if vocab_size is None or logits_lead_V.shape[-1] == vocab_size:
@@ -97,7 +97,7 @@ _SAID_PAD: set[int] = set()
 def pad_id(tokenizer) -> int:
     """The id opd fills padding with: the tokenizer's pad, else its eos, else 0.
 
-    Any id will do: masks come from prompt and completion lengths, never from ids (DESIGN.md §3),
+    Any id will do: masks come from prompt and completion lengths, never from ids (docs/design.md §3),
     so a tokenizer needs no pad token. Said once per id when the tokenizer has none.
     """
     if tokenizer.pad_token_id is not None:

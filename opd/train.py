@@ -1,9 +1,9 @@
-"""The one training loop of on-policy distillation (STYLE.md §1).
+"""The one training loop of on-policy distillation (docs/design.md §1).
 
 Per step: the student samples G completions of P prompts; the frozen teacher scores
 exactly those tokens (under its own, possibly privileged, prompt); collate builds one
 Batch; micro-batched forward/backward with the step's global token count as the loss
-normalizer (DESIGN.md §4); clip; AdamW; sync weights to the rollout engine; log; eval;
+normalizer (docs/design.md §4); clip; AdamW; sync weights to the rollout engine; log; eval;
 checkpoint. Objective and advantages follow Thinking Machines' "On-Policy Distillation"
 (2025) and tinker-cookbook's `distillation/train_on_policy.py`.
 """
@@ -203,7 +203,7 @@ def attach(rollouts: list[Rollout], chosen_P: list[int], teacher_prompts: list[l
 def teacher_scores(scorer, rollouts: list[Rollout], config: TrainConfig) -> list:
     """The teacher's logprob q of each sampled token at τ, and what the loss compares at its temperature.
 
-    DESIGN.md §4: both sides of a divergence use one temperature. The top-k forward KL's student side
+    docs/design.md §4: both sides of a divergence use one temperature. The top-k forward KL's student side
     is at `divergence_temperature`, so the teacher's top-k is scored at it too; when that differs
     from τ, a second pass keeps q (a metric here) at τ. JSD takes raw teacher logits and scales both.
     """
@@ -230,7 +230,7 @@ def train_step(student: torch.nn.Module, optimizer: torch.optim.Optimizer, batch
                loss_fn=None) -> dict:
     """One optimizer step over all micro-batches; every micro-loss divides by the step-global `num_tokens`.
 
-    `vocab_size` = len(student tokenizer): distributions are formed over those ids only (DESIGN.md §5).
+    `vocab_size` = len(student tokenizer): distributions are formed over those ids only (docs/design.md §5).
     `loss_fn(student, micro, config, num_tokens, vocab_size) -> (loss, metrics)` defaults to `micro_loss`;
     the off-policy baseline (`opd.offpolicy`) passes its cross-entropy here and shares the rest.
     """
@@ -260,7 +260,7 @@ def micro_loss(student: torch.nn.Module, micro: Batch, config: TrainConfig, num_
                vocab_size: int | None = None) -> tuple[torch.Tensor, dict]:
     """The configured loss of one micro-batch, normalized by the step-global `num_tokens`.
 
-    Logits past `vocab_size` (a padded embedding) are dropped, so they get no gradient (DESIGN.md §5).
+    Logits past `vocab_size` (a padded embedding) are dropped, so they get no gradient (docs/design.md §5).
     """
     if config.loss == "jsd":
         return active_jsd_loss(student, micro, config, num_tokens, vocab_size)
@@ -289,7 +289,7 @@ def micro_loss(student: torch.nn.Module, micro: Batch, config: TrainConfig, num_
 
 def sampled_token_logprobs(student: torch.nn.Module, micro: Batch, config: TrainConfig,
                            vocab_size: int | None = None) -> torch.Tensor:
-    """log π_θ of each sampled token at τ, after the sampler's truncation (DESIGN.md §4).
+    """log π_θ of each sampled token at τ, after the sampler's truncation (docs/design.md §4).
 
     Without truncation, on a plain-head model, logits exist only at the completion tokens and one
     chunk at a time (opd/fused.py): at a real vocabulary the full `[B, T, V]` logits and their
@@ -317,7 +317,7 @@ def active_student_logits(student: torch.nn.Module, micro: Batch, active_B_T: to
 
 def active_jsd_loss(student: torch.nn.Module, micro: Batch, config: TrainConfig, num_tokens: int,
                     vocab_size: int | None = None) -> tuple[torch.Tensor, dict]:
-    """The full-vocabulary JSD on the loss-mask rows, from either form of the teacher's logits (DESIGN.md §3).
+    """The full-vocabulary JSD on the loss-mask rows, from either form of the teacher's logits (docs/design.md §3).
 
     On a plain-head student no `[N, V]` logits exist whole, the student's or the teacher's: both are
     formed a chunk of rows at a time next to the loss (`fused.linear_jsd_loss`).
@@ -340,7 +340,7 @@ def active_jsd_loss(student: torch.nn.Module, micro: Batch, config: TrainConfig,
 
 
 def batch_metrics(batch: Batch, rollouts: list[Rollout]) -> dict[str, float]:
-    """Sample-level metrics of DESIGN.md §6, whatever the loss; the teacher's only when a teacher scored."""
+    """Sample-level metrics of docs/design.md §6, whatever the loss; the teacher's only when a teacher scored."""
     mask_B_T = batch.loss_mask_B_T
     metrics = {
         "opd/active_tokens": float(batch.num_tokens),

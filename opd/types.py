@@ -1,4 +1,4 @@
-"""The data contract between stages (DESIGN.md §3). Validation of shapes only, no logic.
+"""The data contract between stages (docs/design.md §3). Validation of shapes only, no logic.
 
 Axes: B sequences, L tokens (prompt + completion, right-padded), T = L - 1 target
 positions, K teacher top-k, V vocabulary. Position t of every `_B_T` tensor predicts

@@ -79,7 +79,7 @@ def privileged_problem(ex: Example, need_answer: bool = True) -> str | None:
 
 
 def validate_setup(task: str, examples: list[Example], teacher, student, teacher_tokenizer, student_tokenizer) -> None:
-    """Checks before training that need the loaded models and data (DESIGN.md §5; tokenizers: `load_pair`).
+    """Checks before training that need the loaded models and data (docs/design.md §5; tokenizers: `load_pair`).
 
     Each model needs an output row per token id of its tokenizer (extra, padded rows are fine);
     a privileged task (its name ends in `_privileged`, or any example has its own teacher

@@ -1,4 +1,4 @@
-"""The contracts of DESIGN.md §4-5 on the real pipeline: padded vocabularies and the one temperature rule.
+"""The contracts of docs/design.md §4-5 on the real pipeline: padded vocabularies and the one temperature rule.
 
 Each test runs the code the loop runs (HF rollout engine, HF teacher scorer, `teacher_scores`,
 `collate`, `micro_loss`, `train_step`) on the bundled tiny models, and compares it with naive torch
@@ -51,7 +51,7 @@ def rollouts_of(model, tokenizer, temperature: float, n_prompts: int = 4, seed: 
     return rollouts
 
 
-# ---- padded vocabularies (DESIGN.md §5) ----------------------------------------------------------------------------
+# ---- padded vocabularies (docs/design.md §5) ----------------------------------------------------------------------------
 
 def test_a_padded_teacher_scores_exactly_as_the_unpadded_one(teacher, tokenizer):
     V = len(tokenizer)
@@ -139,7 +139,7 @@ def test_a_teacher_top_k_id_outside_the_student_vocabulary_raises(student, teach
         micro_loss(padded_copy(student, seed=0), batch, config, batch.num_tokens, vocab_size=len(tokenizer))
 
 
-# ---- the temperature rule (DESIGN.md §4) ---------------------------------------------------------------------------
+# ---- the temperature rule (docs/design.md §4) ---------------------------------------------------------------------------
 
 def naive_logprobs(model, rollout, temperature: float, prompt_ids=None) -> torch.Tensor:
     """`[R, V]` log-softmax(z / τ) at the completion's positions, from one plain forward."""
@@ -150,7 +150,7 @@ def naive_logprobs(model, rollout, temperature: float, prompt_ids=None) -> torch
 
 
 def naive_loss(student, teacher, rollouts, config, N) -> torch.Tensor:
-    """The loss of DESIGN.md §4 written out per rollout, every distribution at its temperature by hand."""
+    """The loss of docs/design.md §4 written out per rollout, every distribution at its temperature by hand."""
     tau, tau_loss = config.temperature, config.divergence_temperature
     total = 0.0
     for r in rollouts:

@@ -93,7 +93,6 @@ def test_the_fused_paths_equal_the_plain_forward_in_loss_and_gradient(name, fami
         assert fused_loss.abs() > 0 and any(g.abs().max() > 0 for g in fused_grads), loss
 
 
-@pytest.mark.xfail(strict=True, reason="needs h18a: multi-eos stop")
 @pytest.mark.parametrize("name", FAMILIES)
 def test_a_sample_stops_at_either_eos_id_and_the_mask_covers_it(name, family_dirs):
     # Both eos rows of the head are set to 50 w, w the unit mean direction of the prompts' last hidden

@@ -1,4 +1,4 @@
-"""Every validator rule (DESIGN.md §5, issue #6) with a case that passes and one that fails."""
+"""Every validator rule (docs/design.md §5, issue #6) with a case that passes and one that fails."""
 
 import json
 import logging
@@ -153,7 +153,7 @@ def test_chat_template_difference_is_reported(tokenizer):
     assert diff is not None and "differ from token 0" in diff
 
 
-# ---- config rules (DESIGN.md §5): each failing value next to a passing one ----------------------------------------
+# ---- config rules (docs/design.md §5): each failing value next to a passing one ----------------------------------------
 
 @pytest.mark.parametrize(("bad", "good", "message"), [
     (["topk=0"], ["topk=1"], "topk must be >= 1"),

@@ -216,6 +216,11 @@ def test_rollout_keeps_the_generated_eos_with_its_logprob():
     r = rollout_from_completion([1, 3], 0, [4, 7], [{4: Logprob(-0.3)}, {7: Logprob(-0.1)}], "stop", 7, eos_id=2)
     assert r.completion_ids == [4, 7]  # stopped by an extra eos id from generation_config.json
     assert rollout_from_completion([1], 0, [4], [{4: Logprob(-0.3)}], "length", None, 2).finish_reason == "length"
+    # the engine passes the run's whole stop set: a stop on any of its ids is a stop, on another id it is not
+    r = rollout_from_completion([1], 0, [4, 9], [{4: Logprob(-0.3)}, {9: Logprob(-0.2)}], "stop", None, eos_id=(2, 9))
+    assert (r.completion_ids, r.finish_reason) == ([4, 9], "stop")
+    with pytest.raises(ValueError, match="last token is 4"):
+        rollout_from_completion([1], 0, [4], [{4: Logprob(-0.3)}], "stop", None, eos_id=(2, 9))
 
 
 def test_rollout_parsing_raises_on_inconsistent_outputs():

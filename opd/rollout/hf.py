@@ -12,7 +12,7 @@ This loop does the same work with less around it:
   every step, which was the largest single cost of a decode step on the tiny student;
 - the sampler logprob of each token is read from the very distribution it was drawn from:
   `log_softmax` of `z / τ` after top-k / top-p truncation and after min_new_tokens removed the stops
-  (DESIGN.md §4), so `p` needs no second forward and equals the trainer's recomputation;
+  (docs/design.md §4), so `p` needs no second forward and equals the trainer's recomputation;
 - sampling by inverse CDF: one uniform number per row and a float64 cumulative sum, instead of
   `V` exponentials per row; exact up to float64 rounding, and a zero-probability token (truncated,
   or a stop before min_new_tokens) can never be drawn;

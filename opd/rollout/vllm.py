@@ -6,7 +6,7 @@ opd/vllm_setup.py):
   the distribution really sampled: after logits processors (min_tokens, ...), temperature
   and top-k/top-p (`vllm/v1/sample/sampler.py::Sampler`, `vllm/v1/sample/ops/topk_topp_sampler.py`).
   The default `raw_logprobs` ignores all of them, so without the mode only τ = 1 with no
-  truncation and no min_tokens is allowed (DESIGN.md §4).
+  truncation and no min_tokens is allowed (docs/design.md §4).
 - `logprobs=k` gives, per generated token, a dict that always holds the sampled token
   ("the API will always return the log probability of the sampled token",
   `SamplingParams.logprobs`, `vllm/sampling_params.py`).
@@ -34,6 +34,7 @@ import torch
 from opd import vllm_setup
 from opd.lora import merged_state_dict
 from opd.rollout import Sampling
+from opd.tokenization import stop_token_ids
 from opd.types import Rollout
 
 _INSTALL = "the vLLM rollout backend needs vLLM: `pip install opd[vllm]` (GPU only), or use rollout_backend='hf'"
@@ -58,15 +59,18 @@ def sampled_logprobs(token_ids: Sequence[int], logprobs: Sequence | None, where:
 
 
 def rollout_from_completion(prompt_ids: list[int], prompt_index: int, token_ids: Sequence[int], logprobs,
-                            finish_reason: str | None, stop_reason, eos_id: int) -> Rollout:
-    """One `CompletionOutput` -> `Rollout`; a stop must end on the eos (or the `stop_reason` id), kept in the ids."""
+                            finish_reason: str | None, stop_reason, eos_id: int | Sequence[int]) -> Rollout:
+    """One `CompletionOutput` -> `Rollout`; a stop must end on a stop id (or the `stop_reason` id), kept in the ids.
+
+    `eos_id`: the eos id, or the run's whole stop set (`opd.tokenization.stop_token_ids`).
+    """
     where = f"prompt {prompt_index}"
     token_ids = [int(t) for t in token_ids]
     if not token_ids:
         raise ValueError(f"{where}: vLLM generated no token")
     if finish_reason == "stop":
-        stop_id = eos_id if stop_reason is None else stop_reason
-        if not isinstance(stop_id, int) or token_ids[-1] != stop_id:
+        stop_ids = ({eos_id} if isinstance(eos_id, int) else set(eos_id)) if stop_reason is None else {stop_reason}
+        if not all(isinstance(i, int) for i in stop_ids) or token_ids[-1] not in stop_ids:
             raise ValueError(f"{where}: finish_reason 'stop' (stop_reason={stop_reason!r}) but the last token is "
                              f"{token_ids[-1]}, not the stop token; stop strings are not supported")
     elif finish_reason != "length":
@@ -109,10 +113,9 @@ class VLLMRolloutEngine:
         if hasattr(vllm, "__version__"):  # a stand-in module in tests has none
             vllm_setup.check_vllm_version(vllm.__version__)
         self._sampling_params_cls = SamplingParams
-        self.eos_id = tokenizer.eos_token_id
-        if self.eos_id is None:
-            raise ValueError("the tokenizer needs an eos token")
         module = None if isinstance(model_path_or_model, str | os.PathLike) else model_path_or_model
+        # the run's stop set (every eos of the tokenizer and generation config), as the HF engine uses
+        self.stop_ids = stop_token_ids(tokenizer, getattr(module, "generation_config", None))
         path = str(model_path_or_model if module is None else module.name_or_path)
         if dtype is None:
             dtype = "auto" if module is None else str(next(module.parameters()).dtype).removeprefix("torch.")
@@ -137,7 +140,7 @@ class VLLMRolloutEngine:
                              "truncated) distribution, which this vLLM cannot return (no logprobs_mode); "
                              "install vllm>=0.10.2, or sample with temperature=1, top_k=0, top_p=1, min_new_tokens=0")
         common = dict(n=n, max_tokens=sampling.max_new_tokens, min_tokens=sampling.min_new_tokens, logprobs=1,
-                      seed=seed, detokenize=False, ignore_eos=False, repetition_penalty=1.0, presence_penalty=0.0,
+                      seed=seed, stop_token_ids=list(self.stop_ids), detokenize=False, ignore_eos=False, repetition_penalty=1.0, presence_penalty=0.0,
                       frequency_penalty=0.0, min_p=0.0)
         if sampling.greedy:
             return self._sampling_params_cls(temperature=0.0, **common)
@@ -161,7 +164,7 @@ class VLLMRolloutEngine:
             if len(completions) != per_request:
                 raise ValueError(f"prompt {prompt_index}: {len(completions)} completions, asked for {per_request}")
             rollouts += [rollout_from_completion(ids, prompt_index, c.token_ids, c.logprobs, c.finish_reason,
-                                                 getattr(c, "stop_reason", None), self.eos_id) for c in completions]
+                                                 getattr(c, "stop_reason", None), self.stop_ids) for c in completions]
         return rollouts
 
     @torch.no_grad()

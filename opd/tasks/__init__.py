@@ -1,6 +1,6 @@
 """Built-in prompt sources with the `Final: <answer>` grader.
 
-Every task produces data rows of the one schema a user's file has (DESIGN.md §7, `opd.data`):
+Every task produces data rows of the one schema a user's file has (docs/design.md §7, `opd.data`):
 the student's chat prompt with the reference solution as a trailing assistant turn (ending in
 `Final: <answer>`; it pre-trains the bundled models), a teacher prompt when privileged, the
 answer and an id. `opd.rows.example_from_row` turns each into an `Example`, as for a file.

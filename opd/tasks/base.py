@@ -1,7 +1,7 @@
 """The example type and the one grader every task shares.
 
 A completion's answer is on its last non-empty line, which must read `Final: <answer>`
-(DESIGN.md §6: an answer followed by more text is not final); answers
+(docs/design.md §6: an answer followed by more text is not final); answers
 are compared after normalization (whitespace collapsed, trailing period, thousands
 separators, and numeric equality so that `41.0` equals `41`).
 """
@@ -20,7 +20,7 @@ Messages = list[dict[str, str]]
 
 @dataclass(frozen=True)
 class Example:
-    """One prompt row (DESIGN.md §7 "Data rows"). `teacher_prompt` equals `prompt` unless privileged.
+    """One prompt row (docs/design.md §7 "Data rows"). `teacher_prompt` equals `prompt` unless privileged.
 
     Built-in tasks and user files produce the same rows (`opd.rows.example_from_row`); the last
     four fields are those a user file may add: a stable id, a teacher route (read and kept for a

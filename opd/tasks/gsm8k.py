@@ -66,7 +66,7 @@ def gsm8k_examples(split: str, n: int | None = None, data_dir: str | Path | None
 
 
 def gsm8k_rows(split: str, n: int | None = None, data_dir: str | Path | None = None, privileged: bool = False) -> list[dict]:
-    """The first `n` rows of `split` as data rows (DESIGN.md §7): the worked solution is the reference turn."""
+    """The first `n` rows of `split` as data rows (docs/design.md §7): the worked solution is the reference turn."""
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     rows = load_gsm8k(Path(data_dir or DEFAULT_DATA_DIR) / f"{split}.jsonl")

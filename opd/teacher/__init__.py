@@ -68,7 +68,7 @@ class NoTeacher:
     """Pure RL (GRPO on the task reward): no teacher is run, so there is no teacher signal to log or train on.
 
     `score` returns None; `collate` then leaves `Batch.teacher_logprobs_B_T` None, the loss uses the
-    task advantages alone and no reverse-KL metric is logged (DESIGN.md §6). `config.validate`
+    task advantages alone and no reverse-KL metric is logged (docs/design.md §6). `config.validate`
     allows it only with task_reward=true and kl_coef=0.
     """
 
@@ -86,7 +86,7 @@ def make_teacher_scorer(backend: str, model, batch_size: int = 64, url: str | No
     config (`models.load_pair` loads no weights for them). `url`, `name`: for the served teacher, the
     `vllm serve` base URL(s) and its served model name. `vocab_size`: the teacher tokenizer's length; the
     in-process teacher forms its distributions over those ids only (a padded embedding's extra rows are
-    no tokens, DESIGN.md §5). `tokenizer`: the teacher's, for its greedy traces. `seed`, `dtype`: the
+    no tokens, docs/design.md §5). `tokenizer`: the teacher's, for its greedy traces. `seed`, `dtype`: the
     in-process vLLM engine's.
     """
     if backend == "none":

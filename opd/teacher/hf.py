@@ -1,13 +1,13 @@
 """The in-process frozen `transformers` teacher: one right-padded forward per chunk of rollouts.
 
 It scores `teacher_prompt_ids + completion_ids` and cuts the completion out of its own
-target space, `[len(teacher_prompt) - 1, len(teacher_prompt) - 1 + R)` (DESIGN.md §3);
+target space, `[len(teacher_prompt) - 1, len(teacher_prompt) - 1 + R)` (docs/design.md §3);
 `collate` then places it at the student's positions. When rows share a prompt (the G
 completions of one prompt), each distinct prompt runs through the teacher once and its KV cache
 serves all of its completions: with privileged GSM8K prompts (~214 teacher tokens) and G = 4 that
 is about half the teacher's tokens (`opd.fused.active_hidden_states`). Given the tokenizer's `vocab_size`,
 every distribution is formed over the tokenizer's ids only, so a padded embedding scores
-exactly as the unpadded one (DESIGN.md §5).
+exactly as the unpadded one (docs/design.md §5).
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ def _fused_scores(model, prompts, completions, tokens_B_L, attention_mask_B_L, t
 class HFTeacherScorer:
     """Scores with a frozen in-process model; applies any temperature exactly.
 
-    `vocab_size`: the teacher tokenizer's length (DESIGN.md §5); None scores over every output row.
+    `vocab_size`: the teacher tokenizer's length (docs/design.md §5); None scores over every output row.
     `tokenizer`: the teacher's, needed only for `generate_greedy` (its eos and pad ids). `freeze_model`:
     False leaves the module's mode and gradients as they are (an evaluator borrowing a model).
     """

@@ -11,7 +11,7 @@ one card per served name (`--served-model-name a b`: cards `a` and `b`, same `ro
 `max_model_len`; a response's `model` is always the FIRST served name, whichever alias was asked
 for. It does not list `--max-logprobs` (default 20): a `prompt_logprobs` above it is a 400, turned
 here into the fix. The server ignores unknown request fields (pydantic `extra="allow"`), so a
-temperature for prompt logprobs cannot be asked for and checked: τ ≠ 1 is refused (DESIGN.md §4).
+temperature for prompt logprobs cannot be asked for and checked: τ ≠ 1 is refused (docs/design.md §4).
 Full-vocabulary prompt logprobs (`prompt_logprobs=-1`, which would let the client temper them)
 are not offered: V entries per position in JSON (152k × 256 tokens ≈ 39M objects per sequence).
 """

@@ -11,7 +11,7 @@ the 0.33 line; engine set-up rules in opd/vllm_setup.py):
 - prompt logprobs are `log_softmax` of the RAW logits: `SamplingParams.temperature` and
   `logprobs_mode=processed_*` do not apply to them (vllm PR #47680: "processed logprobs
   is not apply to prompt logprobs"); a `prompt_logprobs_temperature` field is proposed in
-  vllm PR #37082 (open). Hence DESIGN.md §4: τ ≠ 1 is refused unless that field exists.
+  vllm PR #37082 (open). Hence docs/design.md §4: τ ≠ 1 is refused unless that field exists.
 - `SamplingParams(prompt_logprobs=K)` above the engine's `max_logprobs` (default 20) is an error.
 - the OpenAI server clamps `-inf` prompt logprobs to `-9999.0` (`clamp_prompt_logprobs`,
   `vllm/entrypoints/openai/engine/serving.py`, formerly `serving_engine.py`); we map it back to `-inf`.
@@ -34,7 +34,7 @@ _LOGPROB_SLACK = 1e-4  # a logprob above this is not a logprob (e.g. a server st
 
 
 def check_prompt_logprob_temperature(temperature: float, supported: bool) -> None:
-    """DESIGN.md §4: a backend that cannot apply τ to prompt logprobs refuses τ ≠ 1; it never scores at 1 silently."""
+    """docs/design.md §4: a backend that cannot apply τ to prompt logprobs refuses τ ≠ 1; it never scores at 1 silently."""
     if not temperature > 0:
         raise ValueError(f"scoring temperature must be > 0, got {temperature}")
     if temperature != 1.0 and not supported:
