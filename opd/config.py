@@ -10,9 +10,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from omegaconf import OmegaConf
-from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
-
 from opd.precision import check_device
 from opd.rollout import Sampling
 from opd.vllm_setup import check_temperature
@@ -256,7 +253,9 @@ def load_config(recipe: str | Path | None = None, overrides: list[str] = ()) -> 
     Errors name where the bad value came from: the recipe's file:line:column for YAML syntax, the
     key for a value of the wrong type (`steps=abc`), and the recipe or the overrides it was in.
     """
-    import yaml
+    import yaml  # omegaconf's own dependency
+    from omegaconf import OmegaConf  # here: TrainConfig itself needs only the standard library (gpu-check.sh)
+    from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
     keys = ", ".join(f.name for f in fields(TrainConfig))
     layers = []
