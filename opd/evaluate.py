@@ -23,7 +23,7 @@ from opd.rewards import Reward, final_answer, score
 from opd.tasks import FINAL_RE, Example
 from opd.teacher import greedy_traces
 from opd.teacher.hf import HFTeacherScorer, score_tokens
-from opd.tokenization import render_prompt
+from opd.tokenization import render_prompt, stop_token_ids
 
 SPANS = ("", "_pre_final", "_final")  # whole trace, before the final answer, the final answer
 
@@ -99,8 +99,11 @@ class Evaluator:
         self.prompts = [render_prompt(tokenizer, ex.prompt) for ex in examples]
         self.teacher_prompts = [render_prompt(teacher_tokenizer, ex.teacher_prompt) for ex in examples]
         self.traces, teacher_scores = greedy_traces(teacher, self.teacher_prompts, max_new_tokens, temperature)
-        # a trace that used the whole budget without a stop token was cut off: no final-answer span on it
-        self.truncated = [len(t) >= max_new_tokens and t[-1] != teacher_tokenizer.eos_token_id for t in self.traces]
+        # a trace that used the whole budget without a stop token was cut off: no final-answer span on it.
+        # The stop set is the run's (every eos of the tokenizer and of an in-process teacher's generation config)
+        teacher_model = getattr(teacher, "model", None)  # an in-process scorer's model; None for a remote teacher
+        stops = set(stop_token_ids(teacher_tokenizer, getattr(teacher_model, "generation_config", None)))
+        self.truncated = [len(t) >= max_new_tokens and t[-1] not in stops for t in self.traces]
         self.teacher_accuracy, self.trace_texts = graded(teacher_tokenizer, self.traces, examples, reward)
         self.teacher_nll = [-s.logprobs_R for s in teacher_scores]
         self.spans = [final_answer_span(teacher_tokenizer, t) if reward is not None and ex.answer and not cut else None
