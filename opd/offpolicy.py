@@ -29,14 +29,13 @@ from opd.batch import collate
 from opd.config import TrainConfig
 from opd.data import load_data, rendered, resolve_steps
 from opd.logprobs import masked_mean
-from opd.losses import cross_entropy_loss
 from opd.metrics import MetricsWriter
 from opd.models import load_pair, save_dtype
 from opd.rollout import make_rollout_engine
 from opd.teacher import TeacherScores
 from opd.tokenization import pad_id
-from opd.train import (attach, make_evaluator, make_optimizer, sampled_token_logprobs, step_prompts,
-                       train_step)
+from opd.objectives import make_objective
+from opd.train import attach, make_evaluator, make_optimizer, step_prompts, train_step
 from opd.types import Batch, Rollout
 from opd.validate import validate_setup
 
@@ -90,7 +89,7 @@ def train_offpolicy(config: TrainConfig) -> Path:
         t1 = time.perf_counter()
         num_tokens = int(distributed.all_sum(batch.num_tokens, d))
         metrics = train_step(student, optimizer, batch, config, num_tokens, d, vocab_size=len(tokenizer),
-                             loss_fn=cross_entropy_micro_loss)
+                             objective=make_objective(dataclasses.replace(config, loss="cross_entropy"), len(tokenizer)))
         scheduler.step()
         t2 = time.perf_counter()
 
@@ -130,19 +129,6 @@ def on_student_prompts(samples: list[Rollout], chosen_P: list[int], prompts: lis
 def own_scores(samples: list[Rollout]) -> list[TeacherScores]:
     """The teacher's logprob of each token it sampled: its sampler logprobs, no second forward pass."""
     return [TeacherScores(logprobs_R=torch.tensor(r.sampler_logprobs, dtype=torch.float32)) for r in samples]
-
-
-def cross_entropy_micro_loss(student: torch.nn.Module, micro: Batch, config: TrainConfig, num_tokens: int,
-                             vocab_size: int | None = None) -> tuple[torch.Tensor, dict]:
-    """-Σ m log π_θ / N on the teacher's completion tokens, at the sampling temperature (docs/design.md §4).
-
-    The student's logprobs come from `opd.train.sampled_token_logprobs` (the fused path where the
-    model allows it, padded logits dropped) without truncation: the target is the teacher's token,
-    which the student's full distribution at τ must put mass on (a truncated logprob could be -inf).
-    """
-    untruncated = dataclasses.replace(config, top_k=0, top_p=1.0)
-    student_logprobs_B_T = sampled_token_logprobs(student, micro, untruncated, vocab_size)
-    return cross_entropy_loss(student_logprobs_B_T, micro.loss_mask_B_T, num_tokens)
 
 
 def sample_metrics(batch: Batch, rollouts: list[Rollout]) -> dict[str, float]:

@@ -20,7 +20,8 @@ from opd.tasks import arithmetic_examples
 from opd.teacher.hf import HFTeacherScorer, score_tokens
 from opd.teacher.served import ServedTeacherScorer
 from opd.tokenization import render_prompt
-from opd.train import micro_loss, teacher_scores, train_step
+from opd.objectives import micro_loss, teacher_scores
+from opd.train import train_step
 
 EXTRA = 40  # padded rows: 2048 tokens -> 2088 rows, like Qwen2.5's 151,665 tokens in 151,936 rows
 

@@ -20,7 +20,8 @@ from opd.rollout import Sampling, make_rollout_engine
 from opd.tasks import arithmetic_examples
 from opd.teacher.hf import HFTeacherScorer
 from opd.tokenization import render_prompt
-from opd.train import micro_loss, train
+from opd.objectives import micro_loss
+from opd.train import train
 
 SMALL = ["prompts_per_step=2", "completions_per_prompt=2", "max_new_tokens=6", "eval_size=1", "train_size=8",
          "progress=false", "log_samples=0", "lr=1e-2", "eval_every=0", "device=cpu"]

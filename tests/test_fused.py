@@ -13,7 +13,7 @@ from opd.losses import generalized_jsd_loss, topk_forward_kl_loss
 from opd.logprobs import completion_mask, token_logprobs
 from opd.teacher import TeacherScores
 from opd.teacher.hf import score_tokens
-from opd.train import micro_loss
+from opd.objectives import micro_loss
 from opd.types import Rollout
 
 

@@ -20,7 +20,8 @@ from opd.rollout.hf import HFRolloutEngine
 from opd.tasks import arithmetic_examples
 from opd.teacher.hf import HFTeacherScorer
 from opd.tokenization import render_prompt
-from opd.train import make_optimizer, micro_loss, train, train_step
+from opd.objectives import micro_loss
+from opd.train import make_optimizer, train, train_step
 
 SMALL = ["prompts_per_step=2", "completions_per_prompt=2", "max_new_tokens=12", "eval_size=2", "train_size=16",
          "progress=false", "log_samples=0", "lr=1e-2", "eval_every=0", "lora_rank=4", "lora_alpha=8"]

@@ -16,7 +16,8 @@ from opd.rollout.hf import HFRolloutEngine
 from opd.tasks import arithmetic_examples
 from opd.teacher import make_teacher_scorer
 from opd.tokenization import render_prompt
-from opd.train import batch_metrics, micro_loss, task_advantages, train
+from opd.objectives import micro_loss
+from opd.train import batch_metrics, task_advantages, train
 
 SMALL = ["prompts_per_step=4", "completions_per_prompt=2", "max_new_tokens=24", "eval_size=8", "train_size=64",
          "progress=false", "log_samples=0", "lr=1e-3", "steps=2", "eval_every=0", "save_every=0"]

@@ -7,8 +7,8 @@ from opd.batch import collate
 from opd.cli import main
 from opd.config import TrainConfig, load_config
 from opd.metrics import read_metrics
-from opd.offpolicy import (check_offpolicy_config, cross_entropy_micro_loss, on_student_prompts, own_scores,
-                           train_offpolicy)
+from opd.objectives import cross_entropy_micro_loss
+from opd.offpolicy import check_offpolicy_config, on_student_prompts, own_scores, train_offpolicy
 from opd.rollout import Sampling
 from opd.rollout.hf import HFRolloutEngine
 from opd.tasks import arithmetic_examples

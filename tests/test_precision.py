@@ -20,7 +20,8 @@ from opd.support import untested_paths, warn_untested
 from opd.tasks import load_task
 from opd.teacher.hf import score_tokens
 from opd.tokenization import pad_id, render_prompt
-from opd.train import make_optimizer, micro_loss, train, train_step
+from opd.objectives import micro_loss
+from opd.train import make_optimizer, train, train_step
 
 SMALL = ["prompts_per_step=4", "completions_per_prompt=2", "max_new_tokens=16", "eval_size=4", "train_size=32",
          "progress=false", "log_samples=0", "eval_every=0", "save_every=0"]
