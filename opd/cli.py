@@ -20,8 +20,8 @@ def _train(recipe: str | None, overrides: list[str], offpolicy: bool = False) ->
     from omegaconf import OmegaConf
 
     from opd.config import load_config
-    from opd.offpolicy import check_offpolicy_config, train_offpolicy
-    from opd.train import train
+    from opd.offpolicy import check_offpolicy_config
+    from opd.train import train, train_offpolicy
 
     config = load_config(recipe, overrides)  # fails here, before any model is loaded
     if offpolicy:

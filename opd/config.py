@@ -14,7 +14,7 @@ from opd.precision import check_device
 from opd.rollout import Sampling
 from opd.vllm_setup import check_temperature
 
-LOSSES = ("reverse_kl", "topk_kl", "jsd")
+LOSSES = ("reverse_kl", "topk_kl", "jsd", "cross_entropy")  # cross_entropy: off-policy, the teacher samples
 SCHEDULES = ("constant", "cosine", "linear")
 TASKS = ("arithmetic", "gsm8k", "gsm8k_privileged")
 BACKENDS = ("hf", "vllm")
@@ -22,6 +22,10 @@ TEACHER_BACKENDS = ("hf", "vllm", "served", "none")
 DTYPES = ("float32", "bfloat16")
 SAVE_DTYPES = ("float32", "bfloat16", "float16")
 TINY_ALIASES = ("tiny:teacher", "tiny:student", "tiny:gsm8k")
+# Fields that only act when the student samples (on-policy), and their defaults: an off-policy run
+# (loss=cross_entropy, `opd train-offpolicy`) would ignore them, so it refuses them (check_offpolicy_config).
+ON_POLICY_ONLY = {"loss": "reverse_kl", "kl_coef": 1.0, "discount": 0.0, "task_reward": False, "opsm_delta": None,
+                  "teacher_backend": "hf", "fsdp": False}
 
 
 @dataclass(frozen=True)
@@ -60,14 +64,14 @@ class TrainConfig:
     teacher_model_name: str | None = None  # served teacher: the name `vllm serve` serves it under (default: `teacher`)
     teacher_timeout_s: float = 300.0  # served teacher: seconds per request attempt (3 retries on timeouts and 5xx)
     # loss
-    loss: str = "reverse_kl"  # sampled-token reverse KL (IS policy gradient), "topk_kl" or "jsd"
+    loss: str = "reverse_kl"  # sampled-token reverse KL (IS policy gradient), "topk_kl", "jsd"; "cross_entropy" = off-policy
     kl_coef: float = 1.0  # c (pure OPD) or λ (OPD + task reward) on the per-token reverse-KL advantage
     discount: float = 0.0  # γ: discounted future sum of the per-token reverse-KL term (0 = per token)
     log_ratio_cap: float = 20.0  # clamp on log π_θ - p in the importance ratio
     topk: int = 20  # K for the teacher top-k forward KL
     tail_bucket: bool = False  # add the (1 - teacher top-k mass) tail term to the top-k KL
     jsd_beta: float = 0.5  # β of the generalized JSD: 0 forward KL, 1 reverse KL
-    loss_temperature: float | None = None  # temperature of top-k KL / JSD (default: temperature)
+    loss_temperature: float | None = None  # temperature of top-k KL / JSD (None: set to `temperature` on construction)
     task_reward: bool = False  # add GRPO advantages from the task grader (OPD + RL mix)
     grpo_scale_std: bool = True  # divide group-relative rewards by the group std
     opsm_delta: float | None = None  # off-policy sequence masking threshold δ (None = off)
@@ -79,6 +83,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0  # max global grad norm (0 = off)
     micro_batch_size: int = 64  # sequences per forward/backward; gradients accumulate over the step
+    updates_per_batch: int = 1  # optimizer steps on each sampled batch; > 1 uses the PPO-clipped loss (tinker's num_substeps)
     fsdp: bool = False  # torchrun: shard the student with FSDP2 fully_shard (too big for one device)
     dtype: str = "float32"  # compute precision; bfloat16 = autocast, the student's weights and AdamW state stay fp32
     device: str = "auto"  # "auto" picks cuda when available
@@ -110,15 +115,13 @@ class TrainConfig:
     def __post_init__(self):
         if self.steps is None and self.epochs is None:  # frozen: the default of 100 needs object.__setattr__
             object.__setattr__(self, "steps", 100)
+        if self.loss_temperature is None:  # one name for the divergence temperature: τ unless given
+            object.__setattr__(self, "loss_temperature", self.temperature)
 
     @property
     def sampling(self) -> Sampling:
         return Sampling(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
                         max_new_tokens=self.max_new_tokens, min_new_tokens=self.min_new_tokens)
-
-    @property
-    def divergence_temperature(self) -> float:
-        return self.temperature if self.loss_temperature is None else self.loss_temperature
 
     def validate(self) -> TrainConfig:
         """Raise ValueError naming the field and the fix for any bad value or combination."""
@@ -142,11 +145,14 @@ class TrainConfig:
                      "topk", "train_size", "eval_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if type(self.updates_per_batch) is not int or self.updates_per_batch < 1:
+            raise ValueError(f"updates_per_batch must be an integer >= 1 (optimizer steps per sampled batch), "
+                             f"got {self.updates_per_batch!r}")
         for name in ("kl_coef", "discount", "lr", "weight_decay", "grad_clip", "warmup_steps", "eval_every",
                      "save_every", "log_samples", "top_k", "eval_train_size"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.temperature <= 0 or (self.loss_temperature is not None and self.loss_temperature <= 0):
+        if self.temperature <= 0 or self.loss_temperature <= 0:
             raise ValueError(f"temperature and loss_temperature must be > 0, got {self.temperature}, "
                              f"{self.loss_temperature}; for greedy decoding use `opd eval`")
         if not 0.0 < self.top_p <= 1.0:
@@ -167,14 +173,16 @@ class TrainConfig:
         if self.loss != "reverse_kl" and (self.task_reward or self.opsm_delta is not None or self.discount):
             raise ValueError(f"task_reward, opsm_delta and discount act on the reverse-KL advantage; "
                              f"they need loss=reverse_kl, got loss={self.loss}")
+        if self.loss == "cross_entropy":
+            check_offpolicy_config(self)
         if self.top_k or self.top_p < 1.0:
-            if self.loss != "reverse_kl":
+            if self.loss in ("topk_kl", "jsd"):
                 raise ValueError("top_k/top_p truncation is only supported with loss=reverse_kl: the divergence "
                                  "losses compare full distributions, which truncation would make undefined")
         # vLLM backends (#25): what vLLM would refuse at the first step, refused before any model loads
         if self.rollout_backend == "vllm":
             check_temperature(self.temperature, "temperature (rollout_backend=vllm)")
-        scored_at = {self.temperature} | ({self.divergence_temperature} if self.loss == "topk_kl" else set())
+        scored_at = {self.temperature} | ({self.loss_temperature} if self.loss == "topk_kl" else set())
         if self.teacher_backend == "served" and scored_at != {1.0}:
             raise ValueError(f"teacher_backend=served scores at temperature 1 only (vLLM's prompt logprobs are of the "
                              f"raw logits), got temperature={self.temperature}, loss_temperature="
@@ -240,6 +248,16 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def check_offpolicy_config(config: TrainConfig) -> None:
+    """Refuse what an off-policy run would silently ignore: the on-policy losses and their settings, its scorer, FSDP."""
+    changed = {name: getattr(config, name) for name, default in ON_POLICY_ONLY.items()
+               if getattr(config, name) != default and not (name == "loss" and config.loss == "cross_entropy")}
+    if changed:
+        raise ValueError(f"off-policy distillation trains by cross-entropy on teacher samples; {changed} only act in "
+                         f"the on-policy loop (`opd train`): leave them at their defaults "
+                         f"({ {k: ON_POLICY_ONLY[k] for k in changed} })")
 
 
 def _one_of(name: str, value: str, accepted: tuple[str, ...]) -> None:

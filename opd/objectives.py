@@ -37,13 +37,13 @@ def teacher_scores(scorer, rollouts: list[Rollout], config: TrainConfig) -> list
     """The teacher's logprob q of each sampled token at τ, and what the loss compares at its temperature.
 
     docs/design.md §4: both sides of a divergence use one temperature. The top-k forward KL's student side
-    is at `divergence_temperature`, so the teacher's top-k is scored at it too; when that differs
+    is at `loss_temperature`, so the teacher's top-k is scored at it too; when that differs
     from τ, a second pass keeps q (a metric here) at τ. JSD takes raw teacher logits and scales both.
     """
     if config.loss != "topk_kl":
         return scorer.score(rollouts, config.temperature, full_logits=config.loss == "jsd")
-    scores = scorer.score(rollouts, config.divergence_temperature, topk=config.topk)
-    if config.divergence_temperature != config.temperature:
+    scores = scorer.score(rollouts, config.loss_temperature, topk=config.topk)
+    if config.loss_temperature != config.temperature:
         for s, at_tau in zip(scores, scorer.score(rollouts, config.temperature), strict=True):
             s.logprobs_R = at_tau.logprobs_R
     return scores
@@ -62,7 +62,7 @@ def micro_loss(student: torch.nn.Module, micro: Batch, config: TrainConfig, num_
         return topk_forward_kl_loss(active_student_logits(student, micro, active_B_T, vocab_size),
                                     micro.teacher_topk_ids_B_T_K[active_B_T],
                                     micro.teacher_topk_logprobs_B_T_K[active_B_T], micro.loss_mask_B_T[active_B_T],
-                                    num_tokens, temperature=config.divergence_temperature,
+                                    num_tokens, temperature=config.loss_temperature,
                                     tail_bucket=config.tail_bucket, sampled_ids_B_T=micro.tokens_B_L[:, 1:][active_B_T])
     student_logprobs_B_T = sampled_token_logprobs(student, micro, config, vocab_size)
     advantages_B_T = micro.advantages_B_T  # task (GRPO) advantages; None for pure OPD
@@ -121,7 +121,7 @@ def active_jsd_loss(student: torch.nn.Module, micro: Batch, config: TrainConfig,
         teacher_N_X, teacher_head_V_X = micro.teacher_logits_B_T_V[active_B_T], None
     else:
         teacher_N_X, teacher_head_V_X = micro.teacher_hidden_B_T_H[active_B_T], micro.teacher_head_V_H
-    beta, temperature = config.jsd_beta, config.divergence_temperature
+    beta, temperature = config.jsd_beta, config.loss_temperature
     if supports_fused(student):
         hidden_N_H = active_hidden_states(student, micro.tokens_B_L, micro.attention_mask_B_L, active_B_T)
         return linear_jsd_loss(hidden_N_H, head_weight(student, vocab_size), teacher_N_X, mask_N, num_tokens,

@@ -42,7 +42,10 @@ def training_fields(config_dict: dict) -> dict:
     from opd.config import TrainConfig
 
     defaults = {f.name: getattr(TrainConfig(), f.name) for f in fields(TrainConfig)}
-    return {name: config_dict.get(name, default) for name, default in defaults.items() if name not in NOT_TRAINING}
+    relevant = {name: config_dict.get(name, default) for name, default in defaults.items() if name not in NOT_TRAINING}
+    if relevant["loss_temperature"] is None:  # recorded before it was resolved on construction: it meant τ
+        relevant["loss_temperature"] = relevant["temperature"]
+    return relevant
 
 
 def run_hash(config_dict: dict) -> str:

@@ -1,17 +1,18 @@
-"""The one training loop of on-policy distillation (docs/design.md §1).
+"""The one training loop of on- and off-policy distillation (docs/design.md §1).
 
-Per step: the student samples G completions of P prompts; the frozen teacher scores
-exactly those tokens (under its own, possibly privileged, prompt); collate builds one
-Batch; micro-batched forward/backward with the step's global token count as the loss
-normalizer (docs/design.md §4); clip; AdamW; sync weights to the rollout engine; log; eval;
-checkpoint. Objective and advantages follow Thinking Machines' "On-Policy Distillation"
-(2025) and tinker-cookbook's `distillation/train_on_policy.py`.
+Per step: a sampler draws G completions of P prompts (the student, or with `loss=cross_entropy` the
+teacher: `opd.sampler`); the teacher's side is scored for exactly those tokens (under its own,
+possibly privileged, prompt; off-policy, the teacher's own sampler logprobs); collate builds one
+Batch; `updates_per_batch` optimizer steps of micro-batched forward/backward with the step's global
+token count as the loss normalizer (docs/design.md §4), clip, AdamW; sync weights to the rollout
+engine; log; eval; checkpoint. Objective and advantages follow Thinking Machines' "On-Policy
+Distillation" (2025) and tinker-cookbook's `distillation/train_on_policy.py` and `rl/train.py`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-import random
 import time
 from pathlib import Path
 
@@ -19,17 +20,18 @@ import torch
 
 from opd import checkpoint, distributed, runfolder
 from opd.batch import collate
-from opd.config import TrainConfig
-from opd.data import epoch_prompts, load_data, rendered, resolve_steps
+from opd.config import TrainConfig, check_offpolicy_config
+from opd.data import load_data, resolve_steps
 from opd.evaluate import Evaluator
 from opd.logprobs import masked_mean
 from opd.losses import grpo_advantages
 from opd.objectives import make_objective, teacher_scores
 from opd.metrics import MetricsWriter
 from opd.models import load_pair, save_dtype
-from opd.rewards import Reward, final_answer, make_reward, reward_name, score
+from opd.offpolicy import OwnScores
+from opd.rewards import make_reward, reward_name
+from opd.sampler import Sampler, make_sampler
 from opd.support import warn_untested
-from opd.rollout import make_rollout_engine
 from opd.teacher import make_teacher_scorer
 from opd.tokenization import pad_id
 from opd.types import Batch, Rollout
@@ -43,62 +45,42 @@ def train(config: TrainConfig) -> Path:
     """Distil `config.student` from `config.teacher`; returns the run folder. Under torchrun, ranks share each step."""
     d = distributed.init()
     data = load_data(config)  # every row read and validated before any model loads (#19)
-    config, examples, eval_examples = resolve_steps(config, len(data.train)), data.train, data.eval
+    config = resolve_steps(config, len(data.train))
     run = runfolder.open_run(config, d)  # the lock, and a fresh, overwritten or resumed run: before any model loads
-    run_dir = run.path
     torch.manual_seed(config.seed)
     warn_untested(config)
     teacher, student, tokenizer, teacher_tokenizer = load_pair(config)
-    if config.fsdp and d.world > 1:
-        if config.prompts_per_step % d.world:  # a sharded forward is a collective: equal rows on every rank
-            raise ValueError(f"fsdp=true needs prompts_per_step ({config.prompts_per_step}) divisible by the "
-                             f"number of processes ({d.world})")
-        distributed.shard_model(student)
-    validate_setup(config.task, examples[:1], teacher, student, teacher_tokenizer, tokenizer)  # rows: load_data
-    prompts, teacher_prompts = rendered(tokenizer, examples), rendered(teacher_tokenizer, examples, teacher=True)
-    engine = make_rollout_engine(config.rollout_backend, student, tokenizer, seed=config.seed)
-    scorer = make_teacher_scorer(config.teacher_backend, teacher, url=config.teacher_url,
-                                 name=config.teacher_model_name or config.teacher, vocab_size=len(teacher_tokenizer),
-                                 tokenizer=teacher_tokenizer, seed=config.seed, dtype=config.dtype,
-                                 timeout_s=config.teacher_timeout_s)
+    shard_student(student, config, d)
+    validate_setup(config.task, data.train[:1], teacher, student, teacher_tokenizer, tokenizer)  # rows: load_data
+    sampler = make_sampler(config, data, teacher, student, tokenizer, teacher_tokenizer)
+    scorer = make_scorer(config, teacher, teacher_tokenizer)
     optimizer, scheduler = make_optimizer(student, config)
-
-    start_step = 0
-    if run.checkpoint is not None:
-        start_step = checkpoint.load(run.checkpoint, student, optimizer, scheduler)
-        engine.load_weights(student)
+    objective, teacher_head = make_objective(config, len(tokenizer)), getattr(scorer, "head", None)
+    start_step = resume(run, student, optimizer, scheduler, sampler)
     plain_student = distributed.unsharded(student, d)  # rank 0's view for eval and saving (a collective under FSDP)
     if d.main:  # only rank 0 evaluates, logs and saves
         # a teacher that lives elsewhere is only its config here: it evaluates through its scorer (#18)
-        evaluator_teacher = teacher if isinstance(teacher, torch.nn.Module) else scorer
-        evaluate = make_evaluator(config, evaluator_teacher, tokenizer, teacher_tokenizer, eval_examples, examples)
-        writer = MetricsWriter(run_dir, config, start_step)
+        evaluate = make_evaluator(config, teacher if isinstance(teacher, torch.nn.Module) else scorer, tokenizer,
+                                  teacher_tokenizer, data.eval, data.train)
+        writer = MetricsWriter(run.path, config, start_step)
         if start_step == 0:
             writer.log(0, evaluate(plain_student), samples=True)
 
     for step in range(start_step + 1, config.steps + 1):
         t0 = time.perf_counter()
-        chosen_P = distributed.shard(step_prompts(len(prompts), config.prompts_per_step, config.seed, step,
-                                                  config.epochs is not None), d)
-        rollouts_PG = engine.generate([prompts[i] for i in chosen_P], config.completions_per_prompt,
-                                      config.sampling, seed=config.seed * 1_000_003 + step + 7919 * d.rank)
-        attach(rollouts_PG, chosen_P, teacher_prompts, examples, tokenizer, data.reward)
+        rollouts_PG = sampler.sample(step, d)
         t1 = time.perf_counter()
-        scores = teacher_scores(scorer, rollouts_PG, config)
-        task_advantages_B = task_advantages(rollouts_PG, config)
-        batch = collate(rollouts_PG, scores, pad_id(tokenizer), advantages_B=task_advantages_B)
+        batch = collate(rollouts_PG, teacher_scores(scorer, rollouts_PG, config), pad_id(tokenizer),
+                        advantages_B=task_advantages(rollouts_PG, config))
         t2 = time.perf_counter()
         num_tokens = int(distributed.all_sum(batch.num_tokens, d))  # the step-global normalizer
-        metrics = train_step(student, optimizer, batch, config, num_tokens, d, vocab_size=len(tokenizer))
+        metrics = train_step(student, optimizer, batch, config, num_tokens, d, vocab_size=len(tokenizer),
+                             objective=objective, teacher_head=teacher_head)
         scheduler.step()
-        engine.load_weights(student)
+        sampler.sync(student)
         t3 = time.perf_counter()
-
-        completion_tokens = sum(len(r.completion_ids) for r in rollouts_PG)
-        metrics = distributed.weighted_mean_metrics(metrics | batch_metrics(batch, rollouts_PG), batch.num_tokens, d)
-        metrics |= {"opd/active_tokens": float(num_tokens), "train/lr": scheduler.get_last_lr()[0],
-                    "perf/generate_s": t1 - t0, "perf/score_s": t2 - t1, "perf/train_s": t3 - t2,
-                    "perf/step_s": t3 - t0, "perf/tokens_per_s": d.world * completion_tokens / (t3 - t0)}
+        metrics = step_metrics(metrics, batch, rollouts_PG, config, num_tokens, scheduler.get_last_lr()[0],
+                               (t0, t1, t2, t3), d)
         last = step == config.steps
         evaluating = last or (config.eval_every and step % config.eval_every == 0)
         saving = last or (config.save_every and step % config.save_every == 0)
@@ -111,14 +93,49 @@ def train(config: TrainConfig) -> Path:
             metrics |= evaluate(plain_student)
         writer.log(step, metrics, samples=any(k.startswith("eval/") for k in metrics))
         if saving:
-            checkpoint.save(run_dir, step, plain_student, tokenizer, optimizer_state, scheduler, config)
+            checkpoint.save(run.path, step, plain_student, tokenizer, optimizer_state, scheduler, config)
     if d.main:
         writer.close()
-        checkpoint.save_final(run_dir, plain_student, tokenizer, dtype=save_dtype(config))
+        checkpoint.save_final(run.path, plain_student, tokenizer, dtype=save_dtype(config))
     distributed.barrier(d)
     distributed.close(d)
     run.close()
-    return run_dir
+    return run.path
+
+
+def train_offpolicy(config: TrainConfig) -> Path:
+    """`opd train-offpolicy`: the one loop, the teacher sampling and cross-entropy as the loss (opd/offpolicy.py)."""
+    check_offpolicy_config(config)
+    return train(dataclasses.replace(config, loss="cross_entropy").validate())
+
+
+def shard_student(student: torch.nn.Module, config: TrainConfig, d: distributed.Dist) -> None:
+    """fsdp=true under torchrun: shard the student with FSDP2 (its rollouts then run in lockstep)."""
+    if not (config.fsdp and d.world > 1):
+        return
+    if config.prompts_per_step % d.world:  # a sharded forward is a collective: equal rows on every rank
+        raise ValueError(f"fsdp=true needs prompts_per_step ({config.prompts_per_step}) divisible by the "
+                         f"number of processes ({d.world})")
+    distributed.shard_model(student)
+
+
+def make_scorer(config: TrainConfig, teacher, teacher_tokenizer):
+    """The teacher's side of the loss: its scorer, or off-policy the scores its samples came with."""
+    if config.loss == "cross_entropy":
+        return OwnScores()
+    return make_teacher_scorer(config.teacher_backend, teacher, url=config.teacher_url,
+                               name=config.teacher_model_name or config.teacher, vocab_size=len(teacher_tokenizer),
+                               tokenizer=teacher_tokenizer, seed=config.seed, dtype=config.dtype,
+                               timeout_s=config.teacher_timeout_s)
+
+
+def resume(run: runfolder.RunFolder, student: torch.nn.Module, optimizer, scheduler, sampler: Sampler) -> int:
+    """The step the run's checkpoint reached (0 for a fresh run), its weights loaded into student and sampler."""
+    if run.checkpoint is None:
+        return 0
+    start_step = checkpoint.load(run.checkpoint, student, optimizer, scheduler)
+    sampler.sync(student)
+    return start_step
 
 
 def make_optimizer(student: torch.nn.Module, config: TrainConfig):
@@ -175,29 +192,6 @@ def lr_factor(step: int, config: TrainConfig) -> float:
     return 1.0
 
 
-def step_prompts(n_prompts: int, k: int, seed: int, step: int, epochs: bool = False) -> list[int]:
-    """The step's prompt indices: a pure function of (seed, step), so a resumed run sees the same data.
-
-    With `epochs`, the rows are walked without replacement (`opd.data.epoch_prompts`); else each step
-    draws k distinct rows afresh.
-    """
-    if epochs:
-        return epoch_prompts(n_prompts, k, seed, step)
-    return random.Random(f"{seed}:{step}").sample(range(n_prompts), min(k, n_prompts))
-
-
-def attach(rollouts: list[Rollout], chosen_P: list[int], teacher_prompts: list[list[int]], examples, tokenizer,
-           reward: Reward | None = final_answer) -> None:
-    """Give each rollout its teacher prompt, expected answer and reward (None when the reward is `none`)."""
-    for r in rollouts:
-        index = chosen_P[r.prompt_index]
-        example = examples[index]
-        r.teacher_prompt_ids = teacher_prompts[index]
-        r.expected_answer = example.answer or None
-        if reward is not None:
-            r.reward = score(reward, tokenizer.decode(r.completion_ids, skip_special_tokens=True), example)
-
-
 def task_advantages(rollouts: list[Rollout], config: TrainConfig) -> torch.Tensor | None:
     """GRPO advantages of the graded rewards when the task reward is mixed in; None for pure OPD."""
     if not config.task_reward:
@@ -210,14 +204,23 @@ def task_advantages(rollouts: list[Rollout], config: TrainConfig) -> torch.Tenso
 def train_step(student: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: Batch, config: TrainConfig,
                num_tokens: int, d: distributed.Dist = distributed.Dist(), vocab_size: int | None = None,
                objective=None, teacher_head=None) -> dict:
-    """One optimizer step over all micro-batches; every micro-loss divides by the step-global `num_tokens`.
+    """`config.updates_per_batch` optimizer steps on one batch (tinker-cookbook's `num_substeps`); their mean metrics.
 
+    Each update runs every micro-batch, each micro-loss divided by the step-global `num_tokens`.
     `vocab_size` = len(student tokenizer): distributions are formed over those ids only (docs/design.md §5).
     `objective(student, micro, num_tokens, teacher_head) -> (loss, metrics)` defaults to the configured
     one (`opd.objectives.make_objective`); `teacher_head` is passed beside each micro-batch.
     """
     objective = objective or make_objective(config, vocab_size)
     student.train()
+    updates = [update(student, optimizer, batch, config, num_tokens, d, objective, teacher_head)
+               for _ in range(config.updates_per_batch)]
+    return {key: sum(u[key] for u in updates) / len(updates) for key in updates[0]}
+
+
+def update(student: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: Batch, config: TrainConfig,
+           num_tokens: int, d: distributed.Dist, objective, teacher_head=None) -> dict:
+    """One optimizer step over all micro-batches: accumulate, sum over ranks, clip, AdamW."""
     device = next(student.parameters()).device
     totals: dict[str, float] = {}
     for start in range(0, batch.tokens_B_L.shape[0], config.micro_batch_size):
@@ -238,12 +241,15 @@ def train_step(student: torch.nn.Module, optimizer: torch.optim.Optimizer, batch
     return totals
 
 
-def batch_metrics(batch: Batch, rollouts: list[Rollout]) -> dict[str, float]:
-    """Sample-level metrics of docs/design.md §6, whatever the loss; the teacher's only when a teacher scored."""
+def batch_metrics(batch: Batch, rollouts: list[Rollout], on_policy: bool = True) -> dict[str, float]:
+    """Sample-level metrics of docs/design.md §6, whatever the sampler; `opd/*` only for the on-policy losses.
+
+    Off-policy the sampler is the teacher, so `gen/sampler_nll` equals `gen/teacher_nll` there.
+    """
     mask_B_T = batch.loss_mask_B_T
     metrics = {
-        "opd/active_tokens": float(batch.num_tokens),
-        "opd/sampler_nll": masked_mean(-batch.sampler_logprobs_B_T, mask_B_T).item(),
+        "train/active_tokens": float(batch.num_tokens),
+        "gen/sampler_nll": masked_mean(-batch.sampler_logprobs_B_T, mask_B_T).item(),
         "gen/mean_length": sum(len(r.completion_ids) for r in rollouts) / len(rollouts),
         "gen/truncated_fraction": sum(r.finish_reason == "length" for r in rollouts) / len(rollouts),
     }
@@ -251,6 +257,19 @@ def batch_metrics(batch: Batch, rollouts: list[Rollout]) -> dict[str, float]:
         metrics["task/reward"] = sum(r.reward for r in rollouts) / len(rollouts)
     if batch.teacher_logprobs_B_T is not None:
         q_B_T = batch.teacher_logprobs_B_T
-        metrics |= {"opd/sampled_reverse_kl": masked_mean(batch.sampler_logprobs_B_T - q_B_T, mask_B_T).item(),
-                    "opd/teacher_nll": masked_mean(-q_B_T, mask_B_T).item()}
+        metrics["gen/teacher_nll"] = masked_mean(-q_B_T, mask_B_T).item()
+        if on_policy:
+            metrics["opd/sampled_reverse_kl"] = masked_mean(batch.sampler_logprobs_B_T - q_B_T, mask_B_T).item()
     return metrics
+
+
+def step_metrics(metrics: dict, batch: Batch, rollouts: list[Rollout], config: TrainConfig, num_tokens: int,
+                 lr: float, times: tuple[float, float, float, float], d: distributed.Dist) -> dict[str, float]:
+    """The step's record: train_step's and the samples' metrics (token-weighted over ranks), lr and timings."""
+    t0, t1, t2, t3 = times
+    metrics = distributed.weighted_mean_metrics(metrics | batch_metrics(batch, rollouts, config.loss != "cross_entropy"),
+                                                batch.num_tokens, d)
+    completion_tokens = sum(len(r.completion_ids) for r in rollouts)
+    return metrics | {"train/active_tokens": float(num_tokens), "train/lr": lr, "perf/generate_s": t1 - t0,
+                      "perf/score_s": t2 - t1, "perf/train_s": t3 - t2, "perf/step_s": t3 - t0,
+                      "perf/tokens_per_s": d.world * completion_tokens / (t3 - t0)}

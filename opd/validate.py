@@ -122,8 +122,8 @@ def validate_run(run_dir: str | Path, expected_steps: int) -> list[dict]:
         bad = [k for k, v in r.items() if not math.isfinite(v)]
         if bad:
             raise ValueError(f"{run_dir}: step {r['step']} has non-finite {bad}")
-        if r["step"] and not r.get("opd/active_tokens", 0) > 0:
-            raise ValueError(f"{run_dir}: step {r['step']} trained on no tokens (opd/active_tokens "
+        if r["step"] and not r.get("train/active_tokens", 0) > 0:
+            raise ValueError(f"{run_dir}: step {r['step']} trained on no tokens (train/active_tokens "
                              f"{r.get('opd/active_tokens')})")
     if not (Path(run_dir) / "final" / "config.json").is_file():
         raise ValueError(f"{run_dir}: no final student folder (final/config.json)")

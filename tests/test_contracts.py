@@ -152,7 +152,7 @@ def naive_logprobs(model, rollout, temperature: float, prompt_ids=None) -> torch
 
 def naive_loss(student, teacher, rollouts, config, N) -> torch.Tensor:
     """The loss of docs/design.md §4 written out per rollout, every distribution at its temperature by hand."""
-    tau, tau_loss = config.temperature, config.divergence_temperature
+    tau, tau_loss = config.temperature, config.loss_temperature
     total = 0.0
     for r in rollouts:
         y_R = torch.tensor(r.completion_ids)
@@ -187,7 +187,7 @@ def test_both_sides_of_every_divergence_use_the_same_temperature(student, teache
     """Sampler p, student log π and teacher q at τ; top-k KL and JSD at loss_temperature (τ by default)."""
     other = round(2.0 - tau, 2)  # 0.7 <-> 1.3: an explicit loss temperature that is not τ
     config = load_config(None, [f"temperature={tau}", *(o.format(other=other) for o in overrides)])
-    assert config.divergence_temperature == (other if "loss_temperature" in str(overrides) else tau)
+    assert config.loss_temperature == (other if "loss_temperature" in str(overrides) else tau)
     student.eval()  # dropout is 0 anyway; eval() so the naive forward is the sampler's
     rollouts = rollouts_of(student, tokenizer, tau)
     V = len(tokenizer)
@@ -200,7 +200,7 @@ def test_both_sides_of_every_divergence_use_the_same_temperature(student, teache
             q_R = naive_logprobs(teacher, r, tau).gather(-1, y_R)[:, 0]  # q at τ, whatever the loss temperature
             torch.testing.assert_close(s.logprobs_R.double(), q_R, rtol=0, atol=2e-5)
             if config.loss == "topk_kl":  # the teacher's top-k at the temperature the student side uses
-                nu_R_K, ids_R_K = naive_logprobs(teacher, r, config.divergence_temperature).topk(config.topk, dim=-1)
+                nu_R_K, ids_R_K = naive_logprobs(teacher, r, config.loss_temperature).topk(config.topk, dim=-1)
                 assert torch.equal(s.topk_ids_R_K, ids_R_K)
                 # the top-k reaches far into the tail (logprobs near -29 here), where fp32 rounding of the
                 # fused hidden @ head matmul vs the full forward is relative: ~13 ulps is 2.5e-5 absolute

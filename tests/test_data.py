@@ -271,7 +271,7 @@ def test_three_steps_of_opd_train_on_each_example_file(tmp_path, name, capsys):
     reward = [] if name == "trl_prompt.jsonl" else ["reward=final_answer"]
     assert main(["train", f"data={EXAMPLES / name}", "steps=3", f"out_dir={tmp_path / 'run'}", *TINY, *reward]) == 0
     records = read_metrics(tmp_path / "run")
-    assert [r["step"] for r in records] == [0, 1, 2, 3] and all(r["opd/active_tokens"] > 0 for r in records[1:])
+    assert [r["step"] for r in records] == [0, 1, 2, 3] and all(r["train/active_tokens"] > 0 for r in records[1:])
     assert ("task/reward" in records[1]) == bool(reward)
 
 

@@ -105,5 +105,5 @@ def test_torchrun_two_processes_train_checkpoint_and_resume(tmp_path, fsdp):
     torchrun("steps=3", "resume=true")
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [0, 1, 2, 3]  # rank 0 alone logged, each step once
-    assert all(r["opd/active_tokens"] > 0 for r in records[1:])
+    assert all(r["train/active_tokens"] > 0 for r in records[1:])
     assert (out / "final" / "model.safetensors").is_file()

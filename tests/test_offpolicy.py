@@ -8,7 +8,8 @@ from opd.cli import main
 from opd.config import TrainConfig, load_config
 from opd.metrics import read_metrics
 from opd.objectives import cross_entropy_micro_loss
-from opd.offpolicy import check_offpolicy_config, on_student_prompts, own_scores, train_offpolicy
+from opd.offpolicy import check_offpolicy_config, on_student_prompts, own_scores
+from opd.train import train_offpolicy
 from opd.rollout import Sampling
 from opd.rollout.hf import HFRolloutEngine
 from opd.tasks import arithmetic_examples
@@ -61,12 +62,12 @@ def test_offpolicy_refuses_settings_of_the_on_policy_loss(override):
 
 
 def test_offpolicy_cli_stops_before_loading_models(capsys, monkeypatch):
-    import opd.offpolicy
+    import opd.train
 
     def no_models(*args, **kwargs):
         raise AssertionError("models were loaded before the config was checked")
 
-    monkeypatch.setattr(opd.offpolicy, "load_pair", no_models)
+    monkeypatch.setattr(opd.train, "load_pair", no_models)
     assert main(["train-offpolicy", "task_reward=true"]) == 2
     assert "off-policy distillation trains by cross-entropy on teacher samples" in capsys.readouterr().err
 
@@ -81,5 +82,5 @@ def test_offpolicy_resume_continues_exactly(tmp_path):
                                                            f"out_dir={tmp_path / 'split'}"])))
     assert [r["step"] for r in split] == [0, 1, 2, 3]
     assert split[:3] == first  # steps 0-2 were not re-run (their wall-clock timings would differ)
-    for key in ("train/loss", "sft/nll", "offpolicy/teacher_nll", "train/grad_norm"):
+    for key in ("train/loss", "sft/nll", "gen/teacher_nll", "train/grad_norm"):
         assert split[3][key] == pytest.approx(whole[3][key], rel=1e-5), key

@@ -167,7 +167,7 @@ def test_served_teacher_trains_3_steps_and_evaluates_without_its_weights(url, tm
     records = read_metrics(run_dir)
     assert [r["step"] for r in records] == [0, 1, 2, 3]
     assert all("eval/trace_gap" in records[s] and "eval/sampled_reverse_kl" in records[s] for s in (0, 3))
-    assert all(r["opd/active_tokens"] > 0 and "opd/sampled_reverse_kl" in r for r in records[1:])
+    assert all(r["train/active_tokens"] > 0 and "opd/sampled_reverse_kl" in r for r in records[1:])
     # step-0 eval (greedy traces, their scores, sampled scores), 3 scoring steps, final eval (sampled scores)
     assert completions(url) - before >= 3 + 3 + 1
     assert (run_dir / "final" / "config.json").is_file()

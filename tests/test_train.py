@@ -35,7 +35,7 @@ def test_two_steps_train_the_student_and_leave_the_teacher_alone(tmp_path):
     assert "eval/student_accuracy" in records[0] and "eval/trace_gap" in records[0]  # step-0 eval before any update
     for r in records:
         assert all(math.isfinite(v) for v in r.values()), r
-    assert all(r["opd/active_tokens"] > 0 for r in records[1:])
+    assert all(r["train/active_tokens"] > 0 for r in records[1:])
     final = AutoModelForCausalLM.from_pretrained(run_dir / "final")
     after = params(final)
     assert any(not torch.equal(after[k], student_before[k]) for k in student_before)

@@ -197,8 +197,8 @@ def write_run(path: Path, records: list[dict], final: bool = True, steps: int | 
     return path
 
 
-RUN = [{"step": 0, "eval/student_accuracy": 0.2}, {"step": 1, "opd/active_tokens": 10.0, "train/loss": 0.1},
-       {"step": 2, "opd/active_tokens": 12.0, "train/loss": 0.05, "eval/student_accuracy": 0.3}]
+RUN = [{"step": 0, "eval/student_accuracy": 0.2}, {"step": 1, "train/active_tokens": 10.0, "train/loss": 0.1},
+       {"step": 2, "train/active_tokens": 12.0, "train/loss": 0.05, "eval/student_accuracy": 0.3}]
 
 
 @pytest.mark.parametrize(("records", "final", "message"), [
@@ -206,7 +206,7 @@ RUN = [{"step": 0, "eval/student_accuracy": 0.2}, {"step": 1, "opd/active_tokens
     (RUN + [RUN[2]], True, "expected 0..2 once each"),  # a step twice
     ([{"step": 0, "train/lr": 1.0}, *RUN[1:]], True, "no step-0 evaluation"),
     ([RUN[0], {**RUN[1], "train/loss": float("nan")}, RUN[2]], True, r"step 1 has non-finite \['train/loss'\]"),
-    ([RUN[0], {**RUN[1], "opd/active_tokens": 0.0}, RUN[2]], True, "step 1 trained on no tokens"),
+    ([RUN[0], {**RUN[1], "train/active_tokens": 0.0}, RUN[2]], True, "step 1 trained on no tokens"),
     ([RUN[0], {"step": 1, "train/loss": 0.1}, RUN[2]], True, "step 1 trained on no tokens"),
     (RUN, False, "no final student folder"),
 ])
