@@ -143,7 +143,7 @@ def prompt_lengths(config: dict) -> tuple[list[int], list[int]]:
 def run_points(method: str, seed: int, params: dict[str, int]) -> list[dict]:
     """One point per evaluation: cumulative tokens, FLOPs and wall time up to that step, and the eval metrics."""
     from opd.metrics import read_metrics
-    from opd.train import step_prompts
+    from opd.sampler import step_prompts
 
     folder = run_dir(method, seed)
     config = json.loads((folder / "config.json").read_text())

@@ -75,7 +75,8 @@ class Parts:
         import torch
 
         from opd.batch import collate
-        from opd.train import attach, micro_loss, step_prompts
+        from opd.objectives import micro_loss
+        from opd.sampler import completed, step_prompts
         c = self.config
         self.step += 1
         chosen = step_prompts(len(self.prompts), c.prompts_per_step, c.seed, self.step)
@@ -83,7 +84,7 @@ class Parts:
         rollouts = self.engine.generate([self.prompts[i] for i in chosen], c.completions_per_prompt, c.sampling,
                                         seed=self.step)
         t1 = time.perf_counter()
-        attach(rollouts, chosen, self.teacher_prompts, self.examples, self.tokenizer)
+        rollouts = completed(rollouts, chosen, self.teacher_prompts, self.examples, self.tokenizer)
         t2 = time.perf_counter()
         batch = collate(rollouts, self.scorer.score(rollouts, c.temperature), self.tokenizer.pad_token_id)
         t3 = time.perf_counter()

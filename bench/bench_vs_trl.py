@@ -132,7 +132,7 @@ def worker_trl(spec: dict) -> dict:
 
     from opd.models import load_model, load_tokenizer
     from opd.tokenization import render_prompt
-    from opd.train import step_prompts
+    from opd.sampler import step_prompts
 
     P, G, N, steps = spec["P"], spec["G"], spec["N"], spec["steps"]
     tokenizer = load_tokenizer(spec["student"])
@@ -237,7 +237,7 @@ def worker_parity(spec: dict) -> dict:
     from opd.rollout.hf import HFRolloutEngine
     from opd.teacher.hf import HFTeacherScorer
     from opd.tokenization import render_prompt
-    from opd.train import micro_loss
+    from opd.objectives import micro_loss
 
     tokenizer = load_tokenizer(spec["student"])
     student, teacher = load_model(spec["student"]), load_model(spec["teacher"]).eval()

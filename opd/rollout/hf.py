@@ -27,6 +27,8 @@ No pad token is needed: padding is masked out, so any id fills it (`opd.tokeniza
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
@@ -91,11 +93,12 @@ class HFRolloutEngine:
         stops_S = torch.tensor(self.stop_ids, device=device)
         rows_A = torch.arange(B, device=device)  # original row of each running (A) row
         cache = preallocated_cache(self.model.config, width + N)
+        cache_kwargs = {cache_keyword(self.model): cache}  # the newer name where the model takes it
         lockstep = is_sharded(self.model)  # FSDP (opd/distributed.py)
         for step in range(N):
             logits_A_V = self.model(input_ids=input_ids_A_S, attention_mask=attention_mask_A_W,
-                                    position_ids=position_ids_A_S, past_key_values=cache, use_cache=True,
-                                    logits_to_keep=1).logits[:, -1, : self.vocab_size]
+                                    position_ids=position_ids_A_S, use_cache=True, logits_to_keep=1,
+                                    **cache_kwargs).logits[:, -1, : self.vocab_size]
             ids_A, logprobs_A = sample_next(logits_A_V, sampling, forbid_ids=stops_S if step < sampling.min_new_tokens
                                             else None, generator=generator)
             tokens_B_N[rows_A, step], logprobs_B_N[rows_A, step] = ids_A, logprobs_A
@@ -157,6 +160,13 @@ class PreallocatedLayer(DynamicLayer):
         if self.is_initialized:
             self.key_buffer, self.value_buffer = self.key_buffer[indices], self.value_buffer[indices]
             self.keys, self.values = self.key_buffer[:, :, : self.length], self.value_buffer[:, :, : self.length]
+
+
+def cache_keyword(model: torch.nn.Module) -> str:
+    """The forward's name for the KV cache: `cache` in the transformers that deprecate `past_key_values`
+    (5.24 warns at every call), `past_key_values` before; read from the model class's signature."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT wrapper takes **kwargs
+    return "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
 
 
 def preallocated_cache(config, max_len: int) -> DynamicCache:
