@@ -17,7 +17,11 @@ FINISH_REASONS = ("stop", "length")
 
 @dataclass
 class Rollout:
-    """One student sample, as plain Python lists."""
+    """One sample (the student's; off-policy the teacher's, re-based on the student's prompt), as plain lists.
+
+    Complete when it reaches the loop: `opd.sampler.completed` builds it anew with its teacher prompt,
+    answer and reward; nothing fills it in after that.
+    """
 
     prompt_ids: list[int]  # the student's prompt
     completion_ids: list[int]  # sampled tokens, the generated eos included

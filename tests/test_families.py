@@ -79,7 +79,7 @@ def test_the_fused_paths_equal_the_plain_forward_in_loss_and_gradient(name, fami
         results = []
         for fused in (True, False):  # the plain path: the one a model without a plain head takes
             choice = supports_fused if fused else (lambda model: False)
-            monkeypatch.setattr("opd.train.supports_fused", choice)
+            monkeypatch.setattr("opd.objectives.supports_fused", choice)
             monkeypatch.setattr("opd.teacher.hf.supports_fused", choice)
             value, _ = micro_loss(student, batch, config, batch.num_tokens, len(tokenizer))
             value.backward()
