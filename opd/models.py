@@ -19,7 +19,7 @@ from opd.lora import apply_lora
 from opd.precision import checkpoint_dtype, set_compute_dtype, torch_dtype
 from opd.teacher import REMOTE_BACKENDS
 from opd.teacher.hf import freeze
-from opd.tokenization import check_tokenizers_compatible, pad_id, stop_token_ids  # noqa: F401 (re-exported)
+from opd.tokenization import check_tokenizers_compatible, stop_token_ids
 
 log = logging.getLogger(__name__)
 
