@@ -4,7 +4,6 @@ evaluation, and a run's before/after table. Formatting only: no torch, no models
 from __future__ import annotations
 
 import statistics
-from pathlib import Path
 
 SPANS = ("", "_pre_final", "_final")  # whole trace, before the final answer, the final answer (opd.evaluate)
 
@@ -71,11 +70,9 @@ BEFORE_AFTER_EVAL = ("student_accuracy", "teacher_accuracy", "trace_gap", "trace
 BEFORE_AFTER_TRAIN = ("opd/sampled_reverse_kl", "task/reward", "sft/nll")
 
 
-def summarize(run_dir: str | Path) -> str:
-    """Before/after table of a run: first vs last evaluation, mean of the first vs last 5 training steps."""
-    from opd.metrics import read_metrics
-
-    records = read_metrics(run_dir)
+def summarize(records: list[dict]) -> str:
+    """Before/after table of a run's records (`opd.metrics.read_metrics`): first vs last evaluation, mean of
+    the first vs last 5 training steps."""
     evals = [r for r in records if "eval/trace_gap" in r or "eval/student_accuracy" in r]  # reward=none: no accuracy
     steps = [r for r in records if "train/loss" in r]
     rows = []
