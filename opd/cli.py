@@ -63,6 +63,13 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return text
 
 
+class Parser(argparse.ArgumentParser):
+    """A usage error is one line, as every other error of `opd` (exit code 2)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+
+
 # ---- train, train-offpolicy, demo --------------------------------------------------------------------------------------
 
 def recipe_arguments(p: argparse.ArgumentParser) -> None:
@@ -201,7 +208,7 @@ COMMANDS = {
 
 
 def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(prog="opd", description="On-policy distillation of language models: a student samples, a "
+    top = Parser(prog="opd", description="On-policy distillation of language models: a student samples, a "
                                   "frozen teacher scores\nthose tokens, the student learns from the scores.",
                                   epilog=EPILOG, formatter_class=HelpFormatter)
     top.add_argument("--debug", action="store_true", help="show the traceback of an error instead of one line")

@@ -8,6 +8,17 @@ import json
 from pathlib import Path
 
 
+def at_least(low: int):
+    """An argparse type: an integer >= `low`, else a one-line error naming the bound."""
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+    parse.__name__ = "integer"  # argparse names the type in its message on a non-integer
+    return parse
+
+
 def eval_arguments(p: argparse.ArgumentParser) -> None:
     models = p.add_argument_group("models")
     models.add_argument("--teacher", default="tiny:teacher", metavar="DIR", help="teacher model folder")
@@ -27,12 +38,12 @@ def eval_arguments(p: argparse.ArgumentParser) -> None:
     rows.add_argument("--system-prompt", metavar="TEXT", help="system message added to rows that have none")
     rows.add_argument("--reward", metavar="NAME", help="final_answer, boxed, exact, none or module:function "
                                                        "(default: final_answer for --task, none for --data)")
-    rows.add_argument("--n", type=int, default=200, help="rows evaluated: the first N")
+    rows.add_argument("--n", type=at_least(1), default=200, help="rows evaluated: the first N")
     run = p.add_argument_group("sampling and output")
     run.add_argument("--temperature", type=float, default=1.0, metavar="T", help="τ of the samples and trace NLLs")
-    run.add_argument("--max-new-tokens", type=int, default=48, metavar="N", help="completion budget")
+    run.add_argument("--max-new-tokens", type=at_least(1), default=48, metavar="N", help="completion budget")
     run.add_argument("--seed", type=int, default=0, help="seed of the student's samples")
-    run.add_argument("--samples", type=int, default=2, metavar="N", help="greedy transcripts to print")
+    run.add_argument("--samples", type=at_least(0), default=2, metavar="N", help="greedy transcripts to print")
     run.add_argument("--json", metavar="PATH", help="also write the report to this JSON file")
 
 
