@@ -70,6 +70,10 @@ BEFORE_AFTER_EVAL = ("student_accuracy", "teacher_accuracy", "trace_gap", "trace
 BEFORE_AFTER_TRAIN = ("opd/sampled_reverse_kl", "task/reward", "sft/nll")
 
 
+def _cell(key: str, value: float, when: str) -> str:
+    return f"{value:.1%} ({when})" if key.endswith("accuracy") else f"{value:.4f} ({when})"
+
+
 def summarize(records: list[dict]) -> str:
     """Before/after table of a run's records (`opd.metrics.read_metrics`): first vs last evaluation, mean of
     the first vs last 5 training steps."""
@@ -86,5 +90,5 @@ def summarize(records: list[dict]) -> str:
         rows += [(k, "first 5 steps", statistics.mean(r[k] for r in head), "last 5 steps",
                   statistics.mean(r[k] for r in tail)) for k in BEFORE_AFTER_TRAIN if k in head[0] and k in tail[-1]]
     lines = [f"{'metric':<33}{'before':>26}{'after':>26}"]
-    lines += [f"{k:<33}{f'{a:.4f} ({la})':>26}{f'{b:.4f} ({lb})':>26}" for k, la, a, lb, b in rows]
+    lines += [f"{k:<33}{_cell(k, a, la):>26}{_cell(k, b, lb):>26}" for k, la, a, lb, b in rows]
     return "\n".join(lines)
