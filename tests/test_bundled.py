@@ -1,3 +1,5 @@
+"""The bundled models (opd/assets/tiny, built by opd/bundled/): loadable offline, as accurate as reported, rebuildable."""
+
 import json
 
 import pytest
