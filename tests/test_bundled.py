@@ -1,4 +1,4 @@
-"""The bundled models (opd/assets/tiny, built by opd/bundled/): loadable offline, as accurate as reported, rebuildable."""
+"""The bundled models (opd/assets/tiny, built by opd/bundled/): load offline, score as reported, rebuild."""
 
 import json
 
