@@ -1,4 +1,9 @@
-"""`opd` commands: train, train-offpolicy, demo, eval, validate, build-tiny, build-tiny-gsm8k, plot."""
+"""`opd` commands: one function per command, found in `COMMANDS` by name.
+
+Each command is a `Command`: a one-line help, a function that adds its arguments, and a function
+that runs it. `main` parses, runs the command, and turns any error into one line
+`opd <command>: error: ...` with exit code 2 (`--debug`, anywhere on the line, shows the traceback).
+"""
 
 from __future__ import annotations
 
@@ -6,231 +11,222 @@ import argparse
 import errno
 import json
 import logging
-import statistics
 import sys
+import textwrap
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
+
+from opd import bundled, cli_eval
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+EPILOG = """examples:
+  opd demo                                      distil the bundled tiny student from the bundled tiny teacher
+  opd train recipes/demo.yaml steps=50 lr=3e-4  a recipe, then key=value overrides (keys: opd/config.py)
+  opd eval --teacher DIR --student DIR --n 50   the held-out report of a pair of model folders
+  opd validate runs/demo                        check a finished run folder
+  opd COMMAND --help                            the arguments of one command
+
+Models are local Hugging Face folders, or the bundled tiny:teacher, tiny:student, tiny:gsm8k.
+Add --debug anywhere on the line to see the traceback of an error."""
+TRAIN_EPILOG = """Every key is a field of opd.config.TrainConfig (opd/config.py, one comment each); an unknown key
+or a bad value stops before any model loads. Common ones: steps, lr, loss (reverse_kl | topk_kl | jsd),
+teacher, student, data, task, prompts_per_step, completions_per_prompt, max_new_tokens, out_dir.
+
+examples:
+  opd train recipes/demo.yaml steps=50 out_dir=runs/short
+  opd train data=my.jsonl teacher=/models/big student=/models/small reward=boxed epochs=2"""
 
 
-def _train(recipe: str | None, overrides: list[str], offpolicy: bool = False) -> Path:
+@dataclass(frozen=True)
+class Command:
+    help: str
+    arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], None]
+    description: str | None = None  # what `opd COMMAND --help` says first (default: `help`)
+    epilog: str | None = None
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the epilog's line breaks; appends a default that says something ("(default: 200)")."""
+
+    def __init__(self, prog: str):
+        super().__init__(prog, max_help_position=30)
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if action.option_strings and default is not None and default is not False and default != argparse.SUPPRESS \
+                and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
+class Parser(argparse.ArgumentParser):
+    """A usage error is one line, as every other error of `opd` (exit code 2)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+
+
+# ---- train, train-offpolicy, demo --------------------------------------------------------------------------------------
+
+def recipe_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", nargs="?", metavar="RECIPE.yaml",
+                   help="a YAML recipe (optional: without one, defaults come from opd.config.TrainConfig)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config fields that override the recipe")
+
+
+def demo_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of recipes/demo.yaml, e.g. steps=50")
+
+
+def run_training(recipe: str | Path | None, overrides: list[str], offpolicy: bool) -> None:
     """The method is chosen here, once: `opd train` runs the on-policy loop, `opd train-offpolicy` the
     off-policy baseline; both read the same recipe schema, so one recipe compares them."""
     from omegaconf import OmegaConf
 
     from opd.config import load_config
+    from opd.metrics import plot_run, read_metrics
     from opd.offpolicy import check_offpolicy_config
+    from opd.report import summarize
     from opd.train import train, train_offpolicy
 
+    if recipe and "=" in str(recipe):  # no recipe, only overrides
+        recipe, overrides = None, [str(recipe), *overrides]
+    start = time.time()
     config = load_config(recipe, overrides)  # fails here, before any model is loaded
     if offpolicy:
         check_offpolicy_config(config)
     print(OmegaConf.to_yaml(OmegaConf.structured(config)), flush=True)
-    return train_offpolicy(config) if offpolicy else train(config)
+    run_dir = train_offpolicy(config) if offpolicy else train(config)
+    print(f"\n{summarize(read_metrics(run_dir))}\n\nrun folder: {run_dir}  (final student: {run_dir / 'final'}, "
+          f"curves: {plot_run(run_dir)}), {time.time() - start:.0f}s")
 
 
-def _eval(args: argparse.Namespace) -> dict:
-    """The full held-out report of `opd.evaluate.Evaluator` for a teacher/student pair; printed, and saved if asked."""
-    from opd.data import eval_rows
-    from opd.evaluate import Evaluator, format_report
-    from opd.models import load_model, load_tokenizer
-    from opd.teacher.hf import freeze
-    from opd.tokenization import check_tokenizers_compatible
-    from opd.validate import validate_setup
-
-    examples, reward = eval_rows(args)  # read and validated before any model loads (#19)
-    source = args.data or args.task or "arithmetic"
-    tokenizer, teacher_tokenizer = load_tokenizer(args.student), load_tokenizer(args.teacher)
-    check_tokenizers_compatible(teacher_tokenizer, tokenizer)
-    if args.teacher_url:  # a served teacher (#18): its tokenizer and config only, scored over HTTP
-        from transformers import AutoConfig
-
-        from opd.models import resolve
-        from opd.teacher.served import ServedTeacherScorer
-
-        teacher = AutoConfig.from_pretrained(resolve(args.teacher))
-    else:
-        teacher = freeze(load_model(args.teacher, device=args.device))
-    student = load_model(args.student, device=args.device)
-    student.eval()
-    validate_setup(args.task or "arithmetic", examples[:1], teacher, student, teacher_tokenizer, tokenizer)
-    if args.teacher_url:
-        teacher = ServedTeacherScorer(args.teacher_url.split(","), args.teacher_model_name or args.teacher)
-    evaluator = Evaluator(teacher, tokenizer, teacher_tokenizer, examples, args.temperature, args.max_new_tokens,
-                          seed=args.seed, reward=reward)
-    metrics = evaluator(student)
-    samples = metrics.pop("eval/samples")
-    rows = f"{len(examples)} rows of {source}" if args.data else f"{len(examples)} held-out {source} examples"
-    print(f"student {args.student} vs teacher {args.teacher}: {rows}, "
-          f"temperature {args.temperature}, at most {args.max_new_tokens} new tokens\n")
-    print(format_report(metrics))
-    print("greedy transcripts (prompt -> student; the first also the teacher's greedy trace on its own prompt)")
-    for sample in samples[: args.samples]:
-        print(f"  {sample}")
-    if args.json:
-        report = {"teacher": args.teacher, "student": args.student, "task": source, "n": len(examples),
-                  "temperature": args.temperature, "max_new_tokens": args.max_new_tokens, "seed": args.seed,
-                  "metrics": metrics, "samples": samples}
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
-        print(f"\nreport: {args.json}")
-    return metrics
+def train_command(args: argparse.Namespace) -> None:
+    run_training(args.recipe, args.overrides, offpolicy=False)
 
 
-def _validate(run_dir: str, steps: int | None) -> None:
+def train_offpolicy_command(args: argparse.Namespace) -> None:
+    run_training(args.recipe, args.overrides, offpolicy=True)
+
+
+def demo_command(args: argparse.Namespace) -> None:
+    run_training(RECIPES_DIR / "demo.yaml", args.overrides, offpolicy=False)
+
+
+# ---- validate, plot ----------------------------------------------------------------------------------------------------
+
+def run_dir_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run folder (the out_dir of opd train)")
+
+
+def validate_arguments(p: argparse.ArgumentParser) -> None:
+    run_dir_arguments(p)
+    p.add_argument("--steps", type=int, metavar="N", help="expected steps (default: read from the run's config.json)")
+
+
+def expected_steps(run_dir: str) -> int:
+    """The run's `steps`: its config.json, else (derived from epochs inside the run) its latest checkpoint's."""
+    from opd import checkpoint
+
+    config = Path(run_dir) / "config.json"
+    if not config.is_file():
+        raise ValueError(f"{run_dir}: no config.json to read the number of steps from; pass --steps N")
+    steps = json.loads(config.read_text())["steps"]
+    latest = checkpoint.latest(Path(run_dir)) if steps is None else None  # derived from epochs (#19)
+    if latest:
+        steps = json.loads((latest / "config.json").read_text())["steps"]
+    if steps is None:
+        raise ValueError(f"{run_dir}: the run derived its steps from epochs and left no checkpoint; pass --steps N")
+    return steps
+
+
+def validate_command(args: argparse.Namespace) -> None:
     """The run validator on a finished run folder; the expected steps default to its config.json."""
     from opd.validate import validate_run
 
-    if steps is None:
-        config = Path(run_dir) / "config.json"
-        if not config.is_file():
-            raise ValueError(f"{run_dir}: no config.json to read the number of steps from; pass --steps N")
-        steps = json.loads(config.read_text())["steps"]
-        if steps is None:  # derived from epochs inside the run: its checkpoints record the number (#19)
-            from opd import checkpoint
-
-            latest = checkpoint.latest(Path(run_dir))
-            steps = json.loads((latest / "config.json").read_text())["steps"] if latest else None
-        if steps is None:
-            raise ValueError(f"{run_dir}: the run derived its steps from epochs and left no checkpoint; pass --steps N")
-    records = validate_run(run_dir, steps)
-    print(f"OK: {run_dir}: steps 0..{steps} logged once each, step-0 eval present, all {len(records)} records finite, "
-          f"tokens trained every step, final student saved")
+    steps = args.steps if args.steps is not None else expected_steps(args.run_dir)
+    records = validate_run(args.run_dir, steps)
+    print(f"OK: {args.run_dir}: steps 0..{steps} logged once each, step-0 eval present, all {len(records)} records "
+          f"finite, tokens trained every step, final student saved")
 
 
-def summarize(run_dir: Path) -> str:
-    """Before/after table of a run: first vs last evaluation, first vs last 5 training steps."""
-    from opd.metrics import read_metrics
+def plot_command(args: argparse.Namespace) -> None:
+    from opd.metrics import plot_run
 
-    records = read_metrics(run_dir)
-    evals = [r for r in records if "eval/trace_gap" in r or "eval/student_accuracy" in r]  # reward=none: no accuracy
-    steps = [r for r in records if "train/loss" in r]
-    rows = []
-    if evals:
-        for key in [f"{prefix}/{name}" for prefix in ("eval", "eval_train") for name in (  # eval_train: training rows
-                "student_accuracy", "teacher_accuracy", "trace_gap", "trace_gap_pre_final", "trace_gap_final",
-                "sampled_reverse_kl")]:
-            if key in evals[0] and key in evals[-1]:
-                rows.append((key, f"step {evals[0]['step']}", evals[0][key], f"step {evals[-1]['step']}", evals[-1][key]))
-    if steps:
-        head, tail = steps[:5], steps[-5:]
-        for key in ("opd/sampled_reverse_kl", "task/reward", "sft/nll"):
-            if key in head[0] and key in tail[-1]:
-                rows.append((key, "first 5 steps", statistics.mean(r[key] for r in head), "last 5 steps",
-                             statistics.mean(r[key] for r in tail)))
-    lines = [f"{'metric':<33}{'before':>26}{'after':>26}"]
-    lines += [f"{k:<33}{f'{a:.4f} ({la})':>26}{f'{b:.4f} ({lb})':>26}" for k, la, a, lb, b in rows]
-    return "\n".join(lines)
+    print(plot_run(args.run_dir))
+
+
+# ---- init-student ----------------------------------------------------------------------------------------------------
+
+def init_student_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--from", dest="teacher", required=True, metavar="DIR", help="the teacher's model folder")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--layers", metavar="I,J,...", help="decoder layer indices to keep, e.g. 0,6,12")
+    which.add_argument("--keep", type=int, metavar="K", help="number of decoder layers to keep")
+    p.add_argument("--by", default="even", choices=("even", "importance"),
+                   help="with --keep: spread evenly, or the layers whose skipping changes the teacher most")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder for the student (must not hold a model)")
+
+
+def init_student_command(args: argparse.Namespace) -> None:
+    from opd.prune import print_init_student
+
+    print_init_student(args.teacher, args.out, args.layers, args.keep, args.by)
+
+
+COMMANDS = {
+    "train": Command("distil a student from a teacher (a recipe, key=value ...)", recipe_arguments, train_command,
+                     epilog=TRAIN_EPILOG),
+    "train-offpolicy": Command("the off-policy baseline: cross-entropy on teacher samples", recipe_arguments,
+                               train_offpolicy_command, "The off-policy distillation baseline: the teacher samples, the "
+                               "student learns its tokens by cross-entropy. It reads the same recipes as opd train, so "
+                               "one recipe compares the two.", TRAIN_EPILOG),
+    "demo": Command("distil the bundled tiny student from the bundled teacher", demo_arguments, demo_command,
+                    "Distil the bundled 0.69M-parameter student from the bundled 3.9M-parameter teacher with "
+                    "recipes/demo.yaml (about 6 minutes on 2 CPU cores); the run folder is runs/demo."),
+    "eval": Command("the held-out report of a teacher/student pair", cli_eval.eval_arguments, cli_eval.eval_command,
+                    "The held-out report of a teacher/student pair: the teacher-trace gap (whole trace, before the "
+                    "answer, the answer), both greedy accuracies, the sampled reverse KL and perplexities."),
+    "validate": Command("check a finished run folder", validate_arguments, validate_command,
+                        "Check a finished run folder: every step logged once, a step-0 evaluation, finite metrics, "
+                        "tokens trained every step, final/ saved."),
+    "plot": Command("write a run folder's curves to RUN_DIR/curves.png", run_dir_arguments, plot_command),
+    "init-student": Command("cut a student from a teacher's decoder layers", init_student_arguments,
+                            init_student_command, "A student cut from the teacher by keeping some of its decoder "
+                            "layers (depth pruning); it shares the teacher's tokenizer, embeddings and head."),
+    "build-tiny": Command("rebuild the bundled tiny tokenizer, teacher and student", bundled.build_tiny_arguments,
+                          bundled.build_tiny_command, "Train and save the bundled tokenizer, tiny:teacher and "
+                          "tiny:student from a seed (about an hour on 2 CPU cores)."),
+    "build-tiny-gsm8k": Command("rebuild tiny:gsm8k, the model of the GSM8K recipe", bundled.build_gsm8k_arguments,
+                                bundled.build_gsm8k_command, "Train and save tiny:gsm8k, teacher and student of "
+                                "recipes/gsm8k_privileged.yaml, from a seed (about 25 minutes on 2 CPU cores)."),
+}
+
+
+def parser() -> argparse.ArgumentParser:
+    top = Parser(prog="opd", description="On-policy distillation of language models: a student samples, a "
+                                  "frozen teacher scores\nthose tokens, the student learns from the scores.",
+                                  epilog=EPILOG, formatter_class=HelpFormatter)
+    top.add_argument("--debug", action="store_true", help="show the traceback of an error instead of one line")
+    sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, command in COMMANDS.items():
+        p = sub.add_parser(name, help=command.help, description=textwrap.fill(command.description or command.help, 100), epilog=command.epilog,
+                           formatter_class=HelpFormatter)
+        command.arguments(p)
+    return top
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv  # anywhere on the line, so it can be added to a failing command as it was typed
-    argv = [a for a in argv if a != "--debug"]
-    parser = argparse.ArgumentParser(prog="opd", description="On-policy distillation of language models.")
-    parser.add_argument("--debug", action="store_true", help="show the traceback of an error instead of one line")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("train", help="train from a recipe: opd train RECIPE.yaml key=value ...")
-    p.add_argument("recipe", nargs="?", help="YAML recipe (optional; defaults come from opd.config.TrainConfig)")
-    p.add_argument("overrides", nargs="*", help="key=value overrides")
-    p = sub.add_parser("train-offpolicy", help="off-policy distillation baseline: cross-entropy on teacher samples")
-    p.add_argument("recipe", nargs="?", help="YAML recipe (the same schema as `opd train`)")
-    p.add_argument("overrides", nargs="*", help="key=value overrides")
-    p = sub.add_parser("demo", help="distil the bundled tiny student from the bundled tiny teacher")
-    p.add_argument("overrides", nargs="*", help="key=value overrides of recipes/demo.yaml")
-    p = sub.add_parser("eval", help="held-out report: teacher-trace gap, accuracies, sampled reverse KL, perplexities")
-    p.add_argument("--teacher", default="tiny:teacher", help="model folder, or tiny:teacher")
-    p.add_argument("--student", default="tiny:student", help="model folder, or tiny:student")
-    p.add_argument("--teacher-url", default=None, help="score against `vllm serve` here (--teacher: tokenizer+config)")
-    p.add_argument("--teacher-model-name", default=None, help="the served teacher's name (default: --teacher)")
-    p.add_argument("--task", default=None, help="arithmetic (default), gsm8k or gsm8k_privileged")
-    p.add_argument("--data-dir", default=None, help="folder with test.jsonl for the GSM8K tasks")
-    p.add_argument("--data", default=None, help="your own rows instead of --task: .jsonl/.json/.parquet/.csv, "
-                                                "a save_to_disk folder or hf:NAME[:SPLIT] (every row, up to --n)")
-    p.add_argument("--prompt-key", default=None, help="column of the student prompt (with --data)")
-    p.add_argument("--teacher-prompt-key", default=None, help="column of the teacher prompt (with --data)")
-    p.add_argument("--answer-key", default=None, help="column of the answer, a.b for nested (with --data)")
-    p.add_argument("--system-prompt", default=None, help="system message added to rows that have none")
-    p.add_argument("--reward", default=None, help="final_answer, boxed, exact, none or module:function "
-                                                  "(default: final_answer for --task, none for --data)")
-    p.add_argument("--n", type=int, default=200, help="held-out examples")
-    p.add_argument("--temperature", type=float, default=1.0, help="τ of the sampled metrics and the trace NLLs")
-    p.add_argument("--max-new-tokens", type=int, default=48)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--samples", type=int, default=2, help="student transcripts to print")
-    p.add_argument("--json", default=None, help="also write the report to this JSON file")
-    p = sub.add_parser("validate", help="check a finished run folder: steps, step-0 eval, finite metrics, tokens")
-    p.add_argument("run_dir")
-    p.add_argument("--steps", type=int, default=None, help="expected steps (default: the run's config.json)")
-    p = sub.add_parser("build-tiny", help="train and save the bundled tiny tokenizer, teacher and student")
-    p.add_argument("--out", default=None, help="output folder (default: the package's assets/tiny)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--teacher-steps", type=int, default=None)
-    p.add_argument("--student-steps", type=int, default=None)
-    p.add_argument("--n-eval", type=int, default=200, help="held-out problems for the accuracy bands")
-    p = sub.add_parser("build-tiny-gsm8k", help="train and save the tiny GSM8K model of recipes/gsm8k_privileged.yaml")
-    p.add_argument("--out", default=None, help="output folder (default: the package's assets/tiny/gsm8k)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=None, help="pre-training steps (default: the spec's)")
-    p.add_argument("--data-dir", default=None, help="folder with GSM8K train.jsonl/test.jsonl")
-    p = sub.add_parser("init-student", help="a student cut from the teacher: keep some of its decoder layers")
-    p.add_argument("--from", dest="teacher", required=True, help="teacher model folder, or tiny:teacher")
-    which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--layers", default=None, help="comma-separated layer indices to keep, e.g. 0,6,12")
-    which.add_argument("--keep", type=int, default=None, help="number of layers to keep")
-    p.add_argument("--by", default="even", choices=("even", "importance"),
-                   help="with --keep: spread evenly, or the layers whose skipping changes the teacher most")
-    p.add_argument("--out", required=True, help="output folder for the student")
-    p = sub.add_parser("plot", help="write PNG curves of a run folder")
-    p.add_argument("run_dir")
-    args = parser.parse_args(argv)
+    args = parser().parse_args([a for a in argv if a != "--debug"])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-
     try:
-        if args.command in ("train", "train-offpolicy", "demo"):
-            recipe = RECIPES_DIR / "demo.yaml" if args.command == "demo" else args.recipe
-            overrides = args.overrides
-            if args.command != "demo" and recipe and "=" in recipe:  # no recipe, only overrides
-                recipe, overrides = None, [recipe, *overrides]
-            start = time.time()
-            run_dir = _train(recipe, overrides, offpolicy=args.command == "train-offpolicy")
-            from opd.metrics import plot_run
-
-            print(f"\n{summarize(run_dir)}\n\nrun folder: {run_dir}  (final student: {run_dir / 'final'}, "
-                  f"curves: {plot_run(run_dir)}), {time.time() - start:.0f}s")
-        elif args.command == "eval":
-            _eval(args)
-        elif args.command == "validate":
-            _validate(args.run_dir, args.steps)
-        elif args.command == "build-tiny":
-            from opd.tiny import TINY_DIR, build_tiny
-
-            report = build_tiny(args.out or TINY_DIR, seed=args.seed, teacher_steps=args.teacher_steps,
-                                student_steps=args.student_steps, n_eval=args.n_eval)
-            for name in ("teacher", "student"):
-                print(f"{name}: {report[name]['parameters']:,} parameters, held-out accuracy "
-                      f"{report[name]['held_out_accuracy']:.1%}, {report[name]['train_seconds']:.0f}s")
-        elif args.command == "build-tiny-gsm8k":
-            from dataclasses import replace
-
-            from opd.tiny_gsm8k import GSM8K_DIR, SPEC, build_tiny_gsm8k
-
-            spec = replace(SPEC, max_steps=args.steps) if args.steps else SPEC
-            report = build_tiny_gsm8k(args.out or GSM8K_DIR, seed=args.seed, spec=spec, data_dir=args.data_dir)
-            rows = report["recipe_rows"]
-            print(f"{report['parameters']:,} parameters, {report['train_seconds']:.0f}s; on the recipe's {rows['n']} "
-                  f"rows: teacher NLL on its own greedy trace {rows['teacher_nll_on_own_greedy_trace']:.3f}, "
-                  f"teacher-trace gap {rows['step0_eval']['eval/trace_gap']:.3f}")
-        elif args.command == "init-student":
-            from opd.prune import print_init_student
-
-            print_init_student(args.teacher, args.out, args.layers, args.keep, args.by)
-        elif args.command == "plot":
-            from opd.metrics import plot_run
-
-            print(plot_run(args.run_dir))
+        COMMANDS[args.command].run(args)
     except KeyboardInterrupt:
         print(f"opd {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -19,13 +19,13 @@ import torch
 
 from opd.rollout import Sampling
 from opd.rollout.hf import HFRolloutEngine
+from opd.report import SPANS
 from opd.rewards import Reward, final_answer, score
 from opd.tasks import FINAL_RE, Example
 from opd.teacher import greedy_traces
 from opd.teacher.hf import HFTeacherScorer, score_tokens
 from opd.tokenization import render_prompt, stop_token_ids
 
-SPANS = ("", "_pre_final", "_final")  # whole trace, before the final answer, the final answer
 
 
 @torch.no_grad()
@@ -171,34 +171,3 @@ def trace_gap(student_nll: list[torch.Tensor], teacher_nll: list[torch.Tensor], 
 
 def _short(text: str, limit: int = 200) -> str:
     return repr(text) if len(text) <= limit else repr(text[:limit]) + "..."
-
-
-def format_report(metrics: dict) -> str:
-    """The metrics of one `Evaluator` call as a readable table (what `opd eval` prints)."""
-    lines = [f"{'teacher-trace gap (nats/token)':<34}{'student NLL':>12}{'teacher NLL':>12}{'gap':>9}{'tokens':>8}"]
-    for span, label in zip(SPANS, ("whole trace", "before the final answer", "final-answer span"), strict=True):
-        if f"eval/trace_gap{span}" in metrics:
-            lines.append(f"  {label:<32}{metrics[f'eval/trace_student_nll{span}']:>12.4f}"
-                         f"{metrics[f'eval/trace_teacher_nll{span}']:>12.4f}{metrics[f'eval/trace_gap{span}']:>9.4f}"
-                         f"{metrics[f'eval/trace_tokens{span}']:>8.0f}")
-        elif "eval/teacher_accuracy" in metrics:
-            lines.append(f"  {label:<32}{'(no complete trace has a Final: line)':>41}")
-        else:
-            lines.append(f"  {label:<32}{'(reward=none: no final answer)':>41}")
-    if "eval/teacher_truncated" in metrics:
-        lines.append(f"  {'teacher traces cut off':<32}{metrics['eval/teacher_truncated']:>12.0f}"
-                     f"  (at max_new_tokens: no final-answer span on them)")
-    if "eval/teacher_accuracy" in metrics:
-        lines += ["accuracy (greedy decoding, mean reward)",
-                  f"  {'teacher, on its own prompt':<32}{metrics['eval/teacher_accuracy']:>12.1%}",
-                  f"  {'student':<32}{metrics['eval/student_accuracy']:>12.1%}"]
-    else:
-        lines.append("accuracy: none (reward=none; set reward= to grade against the rows' answers)")
-    lines += ["one student sample per prompt, at the temperature",
-              f"  {'sampled reverse KL (nats/token)':<32}{metrics['eval/sampled_reverse_kl']:>12.4f}",
-              f"  {'student perplexity':<32}{metrics['eval/student_ppl']:>12.3f}",
-              f"  {'teacher perplexity':<32}{metrics['eval/teacher_ppl']:>12.3f}",
-              f"  {'active tokens':<32}{metrics['eval/active_tokens']:>12.0f}",
-              f"  {'mean completion length':<32}{metrics['eval/mean_length']:>12.2f}",
-              f"  {'truncated fraction':<32}{metrics['eval/truncated_fraction']:>12.1%}"]
-    return "\n".join(lines)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from opd.report import eval_table
 from opd.runfolder import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -96,8 +97,7 @@ class MetricsWriter:
             self.bar.update(1)
         self.bar.set_postfix({k.split("/")[-1]: f"{record[k]:.3f}" for k in HEADLINE if k in record}, refresh=False)
         if samples and transcripts:
-            eval_line = ", ".join(f"{k}={v:.4g}" for k, v in record.items() if k.startswith("eval/"))
-            tqdm.write(f"[step {step}] {eval_line}")
+            tqdm.write(eval_table(step, record))
             for text in transcripts[: self.log_samples]:
                 tqdm.write("  | " + text.replace("\n", "\n  | "))
 

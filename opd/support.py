@@ -1,8 +1,8 @@
-"""What has run where (README "What has run where"), and a one-time warning for paths that never ran.
+"""What has run where (docs/scaling.md "What has run where"), and a one-time warning for paths that never ran.
 
 A path the CI has never exercised on the hardware it needs is experimental: a user who picks it
 is told so once, at the start of the run, rather than finding out from a wrong number later.
-Update `RAN` (and the README table) when a path has run; `scripts/gpu-check.sh` is the first GPU run.
+Update `RAN` (and the table in docs/scaling.md) when a path has run; `scripts/gpu-check.sh` is the first GPU run.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-# path -> where it has run; "never" marks it experimental (the README table says the same)
+# path -> where it has run; "never" marks it experimental (the table in docs/scaling.md says the same)
 RAN = {
     "CUDA": "never on a GPU (scripts/gpu-check.sh is prepared, not yet run)",
     "bf16 autocast on CUDA": "never on a GPU; on CPU in CI (tests/test_precision.py)",
@@ -47,5 +47,5 @@ def warn_untested(config) -> list[str]:
     """Log one warning per experimental path the run uses; returns them (train() calls this once)."""
     paths = untested_paths(config)
     for path in paths:
-        log.warning("experimental: %s has %s; check its numbers (README: What has run where)", path, RAN[path])
+        log.warning("experimental: %s has %s; check its numbers (docs/scaling.md: What has run where)", path, RAN[path])
     return paths

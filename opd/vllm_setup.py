@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 MULTIPROCESSING = "VLLM_ENABLE_V1_MULTIPROCESSING"
 MAX_TEMPERATURE = 2.0  # vLLM's SamplingParams limit
-# The range opd's vLLM code is written against (see README, "Served and vLLM teachers"). The floor is the
+# The range opd's vLLM code is written against (see docs/scaling.md, "Served and vLLM teachers"). The floor is the
 # first release with every API used here (logprobs_mode, return_token_ids, reload_weights with weights);
 # the cap is the newest release read. Neither end has run on a GPU yet.
 VLLM_FLOOR, VLLM_CAP = (0, 11), (0, 34)

@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import vllm
     except ImportError:
-        return skip("vllm is not installed (pip install 'opd[vllm]' in a fresh environment; see README)")
+        return skip("vllm is not installed (pip install 'opd[vllm]' in a fresh environment; see docs/scaling.md)")
 
     from opd.config import load_config
     from opd.metrics import read_metrics

@@ -302,7 +302,8 @@ def test_load_data_holds_out_by_a_hash_of_the_row(tmp_path):
 
 
 def test_truncated_teacher_traces_are_counted_and_get_no_final_answer_span(teacher, tokenizer):
-    from opd.evaluate import Evaluator, format_report
+    from opd.evaluate import Evaluator
+    from opd.report import format_report
     from opd.tasks import arithmetic_examples
 
     examples = arithmetic_examples(4, "test")

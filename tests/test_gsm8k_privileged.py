@@ -12,7 +12,7 @@ from opd.config import load_config
 from opd.metrics import PLOTS, plot_run, read_metrics
 from opd.models import load_model, load_tokenizer, resolve
 from opd.tasks import load_task
-from opd.tiny_gsm8k import GSM8K_DIR, SPEC, build_tiny_gsm8k, completion_nll
+from opd.bundled.gsm8k import GSM8K_DIR, SPEC, build_tiny_gsm8k, completion_nll
 from opd.train import train
 from opd.validate import validate_privileged
 

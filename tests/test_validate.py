@@ -10,7 +10,7 @@ from opd.cli import main
 from opd.config import load_config
 from opd.models import load_model, load_tokenizer
 from opd.tasks import Example, gsm8k_examples
-from opd.tiny import build_tokenizer
+from opd.bundled.tiny import build_tokenizer
 from opd.tokenization import check_embedding_covers_tokenizer, check_tokenizers_compatible
 from opd.validate import chat_template_difference, validate_privileged, validate_run, validate_setup
 

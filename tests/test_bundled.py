@@ -1,3 +1,5 @@
+"""The bundled models (opd/assets/tiny, built by opd/bundled/): load offline, score as reported, rebuild."""
+
 import json
 
 import pytest

@@ -25,11 +25,11 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from opd.batch import right_pad
 from opd.evaluate import greedy_accuracy
 from opd.tasks import Example, arithmetic_examples, gsm8k_examples
+from opd.models import TINY_DIR
 from opd.tokenization import encode_completion, render_prompt
 
 log = logging.getLogger(__name__)
 
-TINY_DIR = Path(__file__).resolve().parent / "assets" / "tiny"
 SPECIAL_TOKENS = ["<|pad|>", "<|bos|>", "<|eos|>", "<|user|>", "<|assistant|>", "<|system|>"]
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}"

@@ -8,7 +8,7 @@ Under the privileged prompt the model copies the solution it is shown, so it is 
 better teacher of that trace than it is a student under the plain prompt; that difference
 is the teacher-trace gap the recipe distils away (recipes/gsm8k_privileged.yaml).
 It reuses the bundled tokenizer (trained on GSM8K text too, digits as single tokens) and
-the architecture helpers of `opd.tiny`; the weights are stored in bf16 to keep the
+the architecture helpers of `opd.bundled.tiny`; the weights are stored in bf16 to keep the
 package small and are loaded as float32.
 """
 
@@ -25,10 +25,10 @@ from pathlib import Path
 import torch
 
 from opd.evaluate import Evaluator
-from opd.models import load_tokenizer
+from opd.models import TINY_DIR, load_tokenizer
 from opd.tasks import Example, gsm8k_examples
 from opd.tasks.gsm8k import PRIVILEGED_HEADER
-from opd.tiny import TINY_DIR, make_model, sft_batch
+from opd.bundled.tiny import make_model, sft_batch
 from opd.tokenization import encode_completion, render_prompt
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ GSM8K_DIR = TINY_DIR / "gsm8k"
 
 @dataclass(frozen=True)
 class GSM8KSpec:
-    """Architecture (read by `opd.tiny.make_model`) and pre-training budget."""
+    """Architecture (read by `opd.bundled.tiny.make_model`) and pre-training budget."""
 
     # 4 x 128: on the copy strings a 4 x 256 model was still at 3.5 nats after 300 steps of
     # 32 (lr 3e-3), while 4 x 128 passed its abrupt drop by step 300 in 2.5x less time per step.
