@@ -10,8 +10,8 @@ from transformers import AutoModelForCausalLM
 from opd import checkpoint
 from opd.batch import collate
 from opd.config import load_config
-from opd.fused import supports_fused
-from opd.logprobs import token_logprobs
+from opd.forward import supports_fused
+from opd.kernels import token_logprobs
 from opd.lora import ADAPTER_DIR, apply_lora, is_lora, load_adapter, merged_state_dict
 from opd.metrics import read_metrics
 from opd.models import load_model, load_tokenizer
@@ -71,7 +71,7 @@ def test_the_fused_losses_of_a_lora_student_equal_its_plain_forward(tokenizer, t
     config = load_config(None, [f"loss={loss}", "topk=5", "lora_rank=4"])
     results = []
     for fused in (True, False):
-        monkeypatch.setattr("opd.train.supports_fused", supports_fused if fused else (lambda model: False))
+        monkeypatch.setattr("opd.forward.supports_fused", supports_fused if fused else (lambda model: False))
         value, _ = micro_loss(student, batch, config, batch.num_tokens, len(tokenizer))
         value.backward()
         results.append((value.detach(), {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}))

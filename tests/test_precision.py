@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from opd.batch import collate
 from opd.config import TrainConfig, load_config
-from opd.fused import masked_token_logprobs
+from opd.forward import masked_token_logprobs
 from opd.models import TINY_DIR, check_loaded, load_model, load_tokenizer, save_dtype
 from opd.precision import save_pretrained_as
 from opd.rollout import Sampling
