@@ -27,7 +27,7 @@ from opd.logprobs import check_chunk_size, check_temperature, compute_dtype, mas
 
 @torch.no_grad()
 def truncation_threshold(z_C_V: Tensor, top_k: int, top_p: float) -> Tensor:
-    """Per-row smallest scaled logit kept by top-k then top-p, as transformers' warpers compute it (`-inf`: all kept)."""
+    """Per-row smallest scaled logit kept by top-k then top-p, as transformers' warpers compute it (-inf: all)."""
     V = z_C_V.shape[-1]
     thr_C = torch.full(z_C_V.shape[:-1], float("-inf"), dtype=z_C_V.dtype, device=z_C_V.device)
     if 0 < top_k < V:
@@ -111,7 +111,7 @@ def gathered_logprobs(features_N_X: Tensor, head: Head, ids_N_K: Tensor, tempera
     check_temperature(temperature)
     check_chunk_size(chunk_size)
     if features_N_X.dim() != 2 or ids_N_K.dim() != 2 or ids_N_K.shape[0] != features_N_X.shape[0]:
-        raise ValueError(f"features {tuple(features_N_X.shape)} and ids {tuple(ids_N_K.shape)} must be [N, X] and [N, K]")
+        raise ValueError(f"features {tuple(features_N_X.shape)} and ids {tuple(ids_N_K.shape)} must be [N, X], [N, K]")
     return _GatheredLogprobs.apply(features_N_X, ids_N_K.long(), head, float(temperature), top_k, float(top_p),
                                    chunk_size, *head.params)
 

@@ -89,7 +89,8 @@ def train(config: TrainConfig) -> Path:
         batch = collate(rollouts_PG, scores, pad_id(tokenizer), advantages_B=task_advantages_B)
         t2 = time.perf_counter()
         num_tokens = int(distributed.all_sum(batch.num_tokens, d))  # the step-global normalizer
-        metrics = train_step(student, optimizer, batch, config, num_tokens, d, vocab_size=len(tokenizer))
+        metrics = train_step(student, optimizer, batch, config, num_tokens, d, vocab_size=len(tokenizer),
+                             teacher_head=getattr(scorer, "head", None))
         scheduler.step()
         engine.load_weights(student)
         t3 = time.perf_counter()

@@ -84,7 +84,8 @@ def test_a_padded_student_trains_exactly_as_the_unpadded_one(teacher, student, t
     V = len(tokenizer)
     config = load_config(None, [f"loss={loss}", "temperature=0.9", "topk=8", "lr=1e-3", "micro_batch_size=3"])
     rollouts = rollouts_of(student, tokenizer, config.temperature)
-    scores = teacher_scores(HFTeacherScorer(padded_copy(teacher, seed=2), vocab_size=V), rollouts, config)
+    scorer = HFTeacherScorer(padded_copy(teacher, seed=2), vocab_size=V)
+    scores = teacher_scores(scorer, rollouts, config)
     batch = collate(rollouts, scores, tokenizer.pad_token_id)
     N = batch.num_tokens
     padded = padded_copy(student, seed=3)
@@ -95,7 +96,7 @@ def test_a_padded_student_trains_exactly_as_the_unpadded_one(teacher, student, t
         grads = {}
         keep = lambda *_: grads.update({n: p.grad.clone() for n, p in model.named_parameters()})  # noqa: E731
         optimizer.register_step_pre_hook(keep)
-        metrics = train_step(model, optimizer, batch, config, N, vocab_size=V)
+        metrics = train_step(model, optimizer, batch, config, N, vocab_size=V, teacher_head=scorer.head)
         return metrics, grads, {n: p.detach().clone() for n, p in model.named_parameters()}
 
     plain_metrics, plain_grads, plain_after = step(student)

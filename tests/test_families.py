@@ -80,8 +80,7 @@ def test_the_fused_paths_equal_the_plain_forward_in_loss_and_gradient(name, fami
         for fused in (True, False):  # the plain path: the one a model without a plain head takes
             choice = supports_fused if fused else (lambda model: False)
             monkeypatch.setattr("opd.forward.supports_fused", choice)
-            monkeypatch.setattr("opd.forward.supports_fused", choice)
-            value, _ = micro_loss(student, batch, config, batch.num_tokens, len(tokenizer))
+            value, _ = micro_loss(student, batch, config, batch.num_tokens, len(tokenizer), teacher_head=scorer.head)
             value.backward()
             teacher_logprobs = torch.cat([s.logprobs_R for s in scorer.score(rollouts, 0.8)])
             results.append((value.detach(), [p.grad.clone() for p in student.parameters()], teacher_logprobs))

@@ -1,4 +1,4 @@
-"""Logprobs from hidden states (opd/forward.py, opd/kernels.py) equal the materialized logits path, value and gradient."""
+"""Logprobs from hidden states (opd/forward.py, opd/kernels.py) equal the materialized logits path, value and grad."""
 
 import copy
 
@@ -233,7 +233,8 @@ def test_gradient_checkpointing_keeps_the_plain_forward(student, tokenizer):
     model_head(student)  # the structural check's one tiny forward, before the count
     positions = []
     student.get_input_embeddings().register_forward_hook(lambda m, args, out: positions.append(args[0].numel()))
-    got_B_T = masked_token_logprobs(student, tokens_B_L, attention_B_L, mask_B_T, prompt_lens_B=torch.tensor([len(prompt)] * 2),
+    got_B_T = masked_token_logprobs(student, tokens_B_L, attention_B_L, mask_B_T,
+                                    prompt_lens_B=torch.tensor([len(prompt)] * 2),
                                     completion_lens_B=torch.tensor([3, 2]), group_B=torch.tensor([0, 0]))
     assert positions == [tokens_B_L.numel()]
     full_B_T = token_logprobs(student(input_ids=tokens_B_L, attention_mask=attention_B_L).logits[:, :-1], tokens_B_L[:, 1:])
