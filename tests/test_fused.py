@@ -285,7 +285,7 @@ def test_jsd_trains_the_same_on_factored_or_materialized_teacher_logits(student,
     # An in-process teacher sends hidden states and a reference to its head; the batch then holds
     # [B, T, H] instead of [B, T, V] and each micro-batch forms the teacher logits of its own rows.
     # Loss and student gradients must be those of the same batch with the logits materialized. Training
-    # forms either side's logits a chunk of rows at a time (fused.linear_jsd_loss).
+    # forms either side's logits a chunk of rows at a time (kernels.jsd_loss).
     enc = lambda text: tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
     a, b = enc("What is 12+7-3?"), enc("3-1=")
     prompts, completions = [a, a, b], [enc("16\nFinal: 16"), enc("=9"), enc("2")]

@@ -153,7 +153,7 @@ def test_non_finite_weights_and_logits_are_caught_at_load_naming_the_model(tmp_p
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(tokenizer, teacher):
-    # With checkpointing, the shared-prompt forward (opd/fused.py) steps aside (transformers drops the KV cache
+    # With checkpointing, the shared-prompt forward (opd/forward.py) steps aside (transformers drops the KV cache
     # under checkpointing in training), so this compares it with the plain forward of every row as well.
     config = TrainConfig()
     plain, checkpointed = load_model("tiny:student"), load_model("tiny:student")
