@@ -13,7 +13,8 @@ allocator initialisation), resets the kernel's peak-RSS counter (/proc/self/clea
 one forward + backward. "peak extra" = peak RSS minus RSS after the inputs exist; it includes the
 `[B*T, V]` gradient of the student logits, which both versions must produce, so the last column
 also compares the memory beyond that gradient. Cases alternate chunked / naive, the table reports
-medians. Workers use one thread (see `worker`). Writes bench/results/bench_losses.json.
+medians. Workers use one thread (see `worker`). Writes bench/results/bench_losses.json
+(bench_losses_<losses>.json with --only).
 """
 
 from __future__ import annotations
@@ -99,7 +100,7 @@ def _run(loss: str, impl: str, inputs, chunk_size: int):
         hidden, head, ids, nu, mask = inputs
         n = mask.sum()
         if impl == "chunked":
-            ell = gathered_logprobs(hidden, linear_head(head), ids, TEMPERATURE, chunk_size=chunk_size)
+            ell = gathered_logprobs(hidden, linear_head(head), ids, TEMPERATURE, chunk_size=chunk_size or None)
             return topk_forward_kl_terms(ell, ids, nu, mask, n)[0]
         return naive_topk_kl(hidden @ head.T, ids, nu, mask, n, TEMPERATURE)
     if loss == "jsd_linear":
@@ -170,7 +171,7 @@ def main() -> None:
     chunks = {"jsd": args.jsd_chunk or default(generalized_jsd_loss),
               "topk": args.topk_chunk or default(topk_forward_kl_loss),
               "jsd_linear": args.linear_chunk or default(jsd_loss),
-              "topk_linear": args.linear_chunk or 256}  # the chunk opd.objectives passes for a head
+              "topk_linear": args.linear_chunk or 0}  # 0: the kernel's own choice, chunk_rows(V)
     rows = []
     losses = args.only.split(",") if args.only else ["topk", "jsd", "jsd_linear", "topk_linear"]
     for loss in losses:
@@ -203,10 +204,11 @@ def main() -> None:
         print(f"| {r['loss']} | {r['BT']} | {r['V']} | {r['chunk_size']} | {r['chunked']['seconds']:.3f} | "
               f"{r['naive']['seconds']:.3f} | {r['time_ratio']:.2f} | {r['chunked']['peak_extra_mib']:.0f} | "
               f"{r['naive']['peak_extra_mib']:.0f} | {r['mem_ratio']:.2f} | {r['grad_mib']:.0f} | {beyond:.2f} |")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"repeats": args.repeats, "temperature": TEMPERATURE, "beta": BETA,
+    results = RESULTS if not args.only else RESULTS.with_name(f"bench_losses_{args.only.replace(',', '_')}.json")
+    results.parent.mkdir(parents=True, exist_ok=True)
+    results.write_text(json.dumps({"repeats": args.repeats, "temperature": TEMPERATURE, "beta": BETA,
                                    "dtype": "float32", "device": "cpu", "rows": rows}, indent=1))
-    print(f"\nwrote {RESULTS.relative_to(ROOT)}")
+    print(f"\nwrote {results.relative_to(ROOT)}")
 
 
 if __name__ == "__main__":

@@ -218,7 +218,7 @@ def masked_token_logprobs(model: torch.nn.Module, tokens_B_L: Tensor, attention_
     features_N_X = active_features(model, head, tokens_B_L, attention_mask_B_L, active_B_T, vocab_size, prompt_lens_B,
                                    completion_lens_B, group_B)
     logprobs_N = gathered_logprobs(features_N_X, head or IDENTITY, tokens_B_L[:, 1:][active_B_T][:, None], temperature,
-                                   top_k, top_p, chunk_size=64 if head is None else 256)[:, 0]
+                                   top_k, top_p)[:, 0]
     return torch.zeros(mask_B_T.shape, dtype=logprobs_N.dtype, device=logprobs_N.device).masked_scatter(
         active_B_T, logprobs_N)
 

@@ -49,6 +49,12 @@ def check_beta(beta: float) -> None:
         raise ValueError(f"beta must be in [0, 1], got {beta!r}")
 
 
+def chunk_rows(V: int) -> int:
+    """Rows of logits per chunk: 256 (fewer re-reads of a `[V, H]` weight), fewer where 256 rows would pass
+    2^22 entries (16 MB in fp32), so the chunk's few `[C, V]` buffers stay small beside `[N, V]` at any V."""
+    return max(1, min(256, 2**22 // max(V, 1)))
+
+
 def _needs(ctx, first_param: int) -> tuple[bool, ...]:
     return (ctx.needs_input_grad[0], *ctx.needs_input_grad[first_param:])
 
@@ -100,15 +106,17 @@ class _GatheredLogprobs(torch.autograd.Function):
 
 
 def gathered_logprobs(features_N_X: Tensor, head: Head, ids_N_K: Tensor, temperature: float = 1.0, top_k: int = 0,
-                      top_p: float = 1.0, chunk_size: int = 64) -> Tensor:
+                      top_p: float = 1.0, chunk_size: int | None = None) -> Tensor:
     """`logprobs_N_K`: log-softmax of `z = head(features) / τ` at `ids_N_K`, over the top-k/top-p support of z.
 
         keep = top_p(top_k(z)); logprob_k = z[ids_k] - logsumexp(z[keep])   (-inf for an id outside keep)
     The order τ -> top_k -> top_p is transformers' and vLLM's; top_k = 0 and top_p = 1 disable it, and the
     support is treated as constant in the gradient (it is piecewise constant in the logits). Ids must
-    lie in `[0, V)` (callers validate them). fp32 result (fp64 for fp64 features).
+    lie in `[0, V)` (callers validate them). fp32 result (fp64 for fp64 features). `chunk_size`: rows of
+    logits at a time, `chunk_rows(V)` by default.
     """
     check_temperature(temperature)
+    chunk_size = chunk_rows(head_vocab(head, features_N_X)) if chunk_size is None else chunk_size
     check_chunk_size(chunk_size)
     if features_N_X.dim() != 2 or ids_N_K.dim() != 2 or ids_N_K.shape[0] != features_N_X.shape[0]:
         raise ValueError(f"features {tuple(features_N_X.shape)} and ids {tuple(ids_N_K.shape)} must be [N, X], [N, K]")
@@ -161,12 +169,13 @@ def gather_logprobs(logits_B_T_V: Tensor, ids_B_T_K: Tensor, temperature: float 
 
 @torch.no_grad()
 def teacher_topk(features_N_X: Tensor, head: Head, ids_N: Tensor, temperature: float, k: int,
-                 chunk_size: int = 64) -> tuple[Tensor, Tensor, Tensor]:
+                 chunk_size: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """(logprobs_N, topk_logprobs_N_K, topk_ids_N_K) of `log softmax(head(f) / τ)`, `chunk_size` rows at a time.
 
     The sampled token's logprob and the k most likely ids with their logprobs (k capped at V), fp32.
     """
     check_temperature(temperature)
+    chunk_size = chunk_rows(head_vocab(head, features_N_X)) if chunk_size is None else chunk_size
     check_chunk_size(chunk_size)
     N, device = features_N_X.shape[0], features_N_X.device
     logprobs_N = torch.empty(N, device=device)
@@ -271,18 +280,17 @@ def _cut(head: Head, features_N_X: Tensor, V: int) -> tuple[Head, Tensor]:
 
 
 def jsd_loss(features_N_X: Tensor, head: Head, teacher_N_Y: Tensor, loss_mask_N: Tensor, num_tokens: float | Tensor,
-             beta: float = 0.5, temperature: float = 1.0, teacher_head: Head = IDENTITY, chunk_size: int = 256,
+             beta: float = 0.5, temperature: float = 1.0, teacher_head: Head = IDENTITY, chunk_size: int | None = None,
              sub_rows: int | None = None) -> tuple[Tensor, dict]:
     """`losses.generalized_jsd_loss(head(features), teacher_head(teacher), mask, num_tokens)` without `[N, V]` logits.
 
     Teacher: logits rows `[N, V']` (the default identity head) or hidden states with the teacher's head.
     Rows whose mask is 0 are never computed; both sides compare over the shared `V = min(V, V')` ids.
-    `chunk_size` rows of logits exist at a time; the divergence runs on `sub_rows` rows at a time (default:
-    64k entries, which stay in cache). Gradient to the student's features and head parameters only.
+    `chunk_size` rows of logits exist at a time (default `chunk_rows(V)`); the divergence runs on `sub_rows`
+    rows at a time (default: 64k entries, which stay in cache). Gradient to the student's features and head parameters only.
     """
     check_temperature(temperature)
     check_beta(beta)
-    check_chunk_size(chunk_size)
     N = features_N_X.shape[0]
     heads_line_up = all(h.kind != "linear" or h.params[0].shape[1:] == x.shape[1:]
                         for h, x in ((head, features_N_X), (teacher_head, teacher_N_Y)))
@@ -302,6 +310,8 @@ def jsd_loss(features_N_X: Tensor, head: Head, teacher_N_Y: Tensor, loss_mask_N:
     head, features_A_X = _cut(head, features_A_X, V)
     teacher_head, teacher_A_Y = _cut(teacher_head, teacher_A_Y, V)
     teacher_head = Head(teacher_head.fn, tuple(p.detach() for p in teacher_head.params), teacher_head.kind)
+    chunk_size = chunk_rows(V) if chunk_size is None else chunk_size
+    check_chunk_size(chunk_size)
     sub_rows = max(1, 2**16 // V) if sub_rows is None else sub_rows
     check_chunk_size(sub_rows, "sub_rows")
     loss, values_A = _JSD.apply(features_A_X, teacher_A_Y, pick(weights_N), head, teacher_head, float(beta),

@@ -116,8 +116,7 @@ def topk_kl_micro_loss(student: torch.nn.Module, micro: Batch, config: TrainConf
     mask_N = micro.loss_mask_B_T[active_B_T]
     V = head_vocab(head, features_N_X) if features_N_X.shape[0] else 1
     checked_N_K = checked_topk_ids(ids_N_K, nu_N_K, mask_N, V, (*mask_N.shape, V))
-    ell_N_K = gathered_logprobs(features_N_X, head, checked_N_K, config.divergence_temperature,
-                                chunk_size=64 if head is IDENTITY else 256)
+    ell_N_K = gathered_logprobs(features_N_X, head, checked_N_K, config.divergence_temperature)
     return topk_forward_kl_terms(ell_N_K, ids_N_K, nu_N_K, mask_N, num_tokens, tail_bucket=config.tail_bucket,
                                  sampled_ids_B_T=micro.tokens_B_L[:, 1:][active_B_T])
 

@@ -74,8 +74,7 @@ def _score_chunk(model, head, prompts, completions, groups, temperature, topk, f
         logprobs_N, topk_lp_N_K, topk_ids_N_K = teacher_topk(features_N_X, kernel_head, targets_N, temperature, topk)
         topk_lp_R_K, topk_ids_R_K = topk_lp_N_K.cpu().split(lengths), topk_ids_N_K.cpu().split(lengths)
     else:
-        logprobs_N = gathered_logprobs(features_N_X, kernel_head, targets_N[:, None], temperature,
-                                       chunk_size=64 if head is None else 256)[:, 0]
+        logprobs_N = gathered_logprobs(features_N_X, kernel_head, targets_N[:, None], temperature)[:, 0]
     logits_R_V = hidden_R_H = [None] * len(lengths)
     if full_logits and head is not None and not topk:  # stays factored: the scorer's head makes the logits
         hidden_R_H = features_N_X.cpu().split(lengths)
