@@ -1,9 +1,10 @@
 """Chunked vs naive full-vocabulary losses: time and peak extra memory of forward + backward, CPU fp32.
 
-Three losses: the top-k forward KL and the JSD on `[B*T, V]` logits (`opd.losses`), and the JSD from
-hidden states and heads (`jsd_linear`: `opd.fused.linear_jsd_loss`, the training path, whose naive
-counterpart first forms both sides' logits with the heads, H = 384 student / 512 teacher as at
-bench_vs_trl's scale b).
+Four losses: the top-k forward KL and the JSD on `[B*T, V]` logits (`opd.losses`), and the training
+kernels from hidden states and heads (`opd.kernels`), whose naive counterparts first form the logits
+with the heads: `jsd_linear` (H = 384 student / 512 teacher as at bench_vs_trl's scale b) and
+`topk_linear`, the top-k forward KL's student side (H = 384 at V = 32,768; at V = 151,936 H = 1,024 with
+the head frozen, as under LoRA, so the `[V, H]` weight gradient, the same in both, is not counted).
 
     python bench/bench_losses.py [--quick] [--repeats R]
 
@@ -12,7 +13,8 @@ allocator initialisation), resets the kernel's peak-RSS counter (/proc/self/clea
 one forward + backward. "peak extra" = peak RSS minus RSS after the inputs exist; it includes the
 `[B*T, V]` gradient of the student logits, which both versions must produce, so the last column
 also compares the memory beyond that gradient. Cases alternate chunked / naive, the table reports
-medians. Workers use one thread (see `worker`). Writes bench/results/bench_losses.json.
+medians. Workers use one thread (see `worker`). Writes bench/results/bench_losses.json
+(bench_losses_<losses>.json with --only).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "bench_losses.json"
 SIZES_FULL = [(1024, 8192), (4096, 32768)]  # (B*T, V)
+SIZES_TOPK_LINEAR = [(4096, 32768), (1024, 151936)]
 SIZES_QUICK = [(256, 4096), (1024, 8192)]
 K, BETA, TEMPERATURE, B = 20, 0.5, 0.7, 8
 
@@ -66,6 +69,13 @@ LINEAR_H, LINEAR_TEACHER_H = 384, 512
 def _make_inputs(loss: str, bt: int, V: int, seed: int = 0):
     import torch
     g = torch.Generator().manual_seed(seed)
+    if loss == "topk_linear":
+        H = 1024 if V > 65536 else LINEAR_H
+        hidden = torch.randn(bt, H, generator=g).requires_grad_(True)
+        head = (torch.randn(V, H, generator=g) * 2 / H**0.5).requires_grad_(V <= 65536)
+        teacher_logp = torch.log_softmax(torch.randn(bt, 4 * K, generator=g) * 3, dim=-1)
+        nu, _ = teacher_logp.topk(K, dim=-1)
+        return hidden, head, torch.randint(0, V, (bt, K), generator=g), nu, torch.ones(bt)
     if loss == "jsd_linear":  # logits of std ~2, as below
         hidden = torch.randn(bt, LINEAR_H, generator=g).requires_grad_(True)
         head = (torch.randn(V, LINEAR_H, generator=g) * 2 / LINEAR_H**0.5).requires_grad_(True)
@@ -83,14 +93,22 @@ def _make_inputs(loss: str, bt: int, V: int, seed: int = 0):
 
 
 def _run(loss: str, impl: str, inputs, chunk_size: int):
-    from opd.losses import generalized_jsd_loss, topk_forward_kl_loss
+    from opd.heads import linear_head
+    from opd.kernels import gathered_logprobs, jsd_loss
+    from opd.losses import generalized_jsd_loss, topk_forward_kl_loss, topk_forward_kl_terms
+    if loss == "topk_linear":
+        hidden, head, ids, nu, mask = inputs
+        n = mask.sum()
+        if impl == "chunked":
+            ell = gathered_logprobs(hidden, linear_head(head), ids, TEMPERATURE, chunk_size=chunk_size or None)
+            return topk_forward_kl_terms(ell, ids, nu, mask, n)[0]
+        return naive_topk_kl(hidden @ head.T, ids, nu, mask, n, TEMPERATURE)
     if loss == "jsd_linear":
-        from opd.fused import linear_jsd_loss
         hidden, head, teacher_hidden, teacher_head, mask = inputs
         n = mask.sum()
         if impl == "chunked":
-            return linear_jsd_loss(hidden, head, teacher_hidden, mask, n, BETA, TEMPERATURE,
-                                   teacher_head_V_X=teacher_head, chunk_size=chunk_size)[0]
+            return jsd_loss(hidden, linear_head(head), teacher_hidden, mask, n, BETA, TEMPERATURE,
+                            teacher_head=linear_head(teacher_head), chunk_size=chunk_size)[0]
         return naive_jsd(hidden @ head.T, teacher_hidden @ teacher_head.T, mask, n, BETA, TEMPERATURE)
     if loss == "jsd":
         student, teacher, mask = inputs
@@ -118,7 +136,8 @@ def worker(loss: str, impl: str, bt: int, V: int, chunk_size: int) -> None:
     _run(loss, impl, inputs, chunk_size).backward()
     seconds = time.perf_counter() - start
     _, peak = _rss_kib()
-    grad_mib = sum(x.grad.numel() * x.grad.element_size() for x in inputs if x.grad is not None) / 2**20
+    grad_mib = sum(x.grad.numel() * x.grad.element_size() for x in inputs
+                   if isinstance(x, torch.Tensor) and x.grad is not None) / 2**20
     print(json.dumps({"seconds": seconds, "peak_extra_mib": (peak - rss_before) / 1024, "grad_mib": grad_mib}))
 
 
@@ -136,6 +155,7 @@ def main() -> None:
     parser.add_argument("--jsd-chunk", type=int, default=None, help="default: the library default")
     parser.add_argument("--topk-chunk", type=int, default=None, help="default: the library default")
     parser.add_argument("--linear-chunk", type=int, default=None, help="default: the library default")
+    parser.add_argument("--only", default=None, help="comma-separated losses to run (default: all)")
     parser.add_argument("--worker", nargs=5, metavar=("LOSS", "IMPL", "BT", "V", "CHUNK"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -145,15 +165,18 @@ def main() -> None:
 
     import inspect
     sys.path.insert(0, str(ROOT))
-    from opd.fused import linear_jsd_loss
+    from opd.kernels import jsd_loss
     from opd.losses import generalized_jsd_loss, topk_forward_kl_loss
     default = lambda fn: inspect.signature(fn).parameters["chunk_size"].default  # noqa: E731
     chunks = {"jsd": args.jsd_chunk or default(generalized_jsd_loss),
               "topk": args.topk_chunk or default(topk_forward_kl_loss),
-              "jsd_linear": args.linear_chunk or default(linear_jsd_loss)}
+              "jsd_linear": args.linear_chunk or default(jsd_loss),
+              "topk_linear": args.linear_chunk or 0}  # 0: the kernel's own choice, chunk_rows(V)
     rows = []
-    for loss in ("topk", "jsd", "jsd_linear"):
-        for bt, V in SIZES_QUICK if args.quick else SIZES_FULL:
+    losses = args.only.split(",") if args.only else ["topk", "jsd", "jsd_linear", "topk_linear"]
+    for loss in losses:
+        sizes = SIZES_QUICK if args.quick else SIZES_TOPK_LINEAR if loss == "topk_linear" else SIZES_FULL
+        for bt, V in sizes:
             runs = {"chunked": [], "naive": []}
             for _ in range(args.repeats):
                 for impl in ("chunked", "naive"):  # alternate so drift hits both equally
@@ -181,10 +204,11 @@ def main() -> None:
         print(f"| {r['loss']} | {r['BT']} | {r['V']} | {r['chunk_size']} | {r['chunked']['seconds']:.3f} | "
               f"{r['naive']['seconds']:.3f} | {r['time_ratio']:.2f} | {r['chunked']['peak_extra_mib']:.0f} | "
               f"{r['naive']['peak_extra_mib']:.0f} | {r['mem_ratio']:.2f} | {r['grad_mib']:.0f} | {beyond:.2f} |")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"repeats": args.repeats, "temperature": TEMPERATURE, "beta": BETA,
+    results = RESULTS if not args.only else RESULTS.with_name(f"bench_losses_{args.only.replace(',', '_')}.json")
+    results.parent.mkdir(parents=True, exist_ok=True)
+    results.write_text(json.dumps({"repeats": args.repeats, "temperature": TEMPERATURE, "beta": BETA,
                                    "dtype": "float32", "device": "cpu", "rows": rows}, indent=1))
-    print(f"\nwrote {RESULTS.relative_to(ROOT)}")
+    print(f"\nwrote {results.relative_to(ROOT)}")
 
 
 if __name__ == "__main__":

@@ -21,8 +21,8 @@ import torch
 
 from opd.batch import collate
 from opd.config import TrainConfig
-from opd.fused import masked_token_logprobs
-from opd.logprobs import token_logprobs
+from opd.forward import masked_token_logprobs
+from opd.kernels import token_logprobs
 from opd.models import load_pair
 from opd.precision import set_compute_dtype
 from opd.rollout.hf import HFRolloutEngine

@@ -49,11 +49,12 @@ def collate(rollouts: list[Rollout], scores: list[TeacherScores] | None, pad_id:
         advantages_B_T = torch.where(loss_mask_B_T > 0, advantages_B[:, None].float(), 0.0)
     return Batch(tokens_B_L=tokens_B_L, attention_mask_B_L=attention_mask_B_L, loss_mask_B_T=loss_mask_B_T,
                  sampler_logprobs_B_T=sampler_B_T, prompt_index_B=torch.tensor([r.prompt_index for r in rollouts]),
-                 advantages_B_T=advantages_B_T, **teacher)
+                 prompt_lens_B=prompt_lens_B, completion_lens_B=completion_lens_B, advantages_B_T=advantages_B_T,
+                 **teacher)
 
 
 TEACHER_FIELDS = ("teacher_logprobs_B_T", "teacher_topk_ids_B_T_K", "teacher_topk_logprobs_B_T_K",
-                  "teacher_logits_B_T_V", "teacher_hidden_B_T_H", "teacher_head_V_H")
+                  "teacher_logits_B_T_V", "teacher_hidden_B_T_H")
 
 
 def _teacher_fields(rollouts: list[Rollout], scores: list[TeacherScores], L: int) -> dict[str, torch.Tensor | None]:
@@ -68,10 +69,9 @@ def _teacher_fields(rollouts: list[Rollout], scores: list[TeacherScores], L: int
         topk_lp_B_T_K = torch.full((B, L - 1, K), float("-inf"))
     if first.logits_R_V is not None:
         logits_B_T_V = torch.zeros((B, L - 1, first.logits_R_V.shape[-1]))
-    hidden_B_T_H = head_V_H = None
+    hidden_B_T_H = None
     if first.hidden_R_H is not None:
         hidden_B_T_H = torch.zeros((B, L - 1, first.hidden_R_H.shape[-1]), dtype=first.hidden_R_H.dtype)
-        head_V_H = first.head_V_H
     for b, (r, s) in enumerate(zip(rollouts, scores, strict=True)):
         P, R = len(r.prompt_ids), len(r.completion_ids)
         if s.logprobs_R.shape[0] != R:
@@ -87,14 +87,7 @@ def _teacher_fields(rollouts: list[Rollout], scores: list[TeacherScores], L: int
         if logits_B_T_V is not None:
             logits_B_T_V[b, span] = s.logits_R_V
         if hidden_B_T_H is not None:
-            if not _same_storage(s.head_V_H, head_V_H):
-                raise ValueError(f"row {b}: its teacher hidden states come with another head than row 0's")
             hidden_B_T_H[b, span] = s.hidden_R_H
-    return dict(zip(TEACHER_FIELDS, (teacher_B_T, topk_ids_B_T_K, topk_lp_B_T_K, logits_B_T_V, hidden_B_T_H, head_V_H),
+    return dict(zip(TEACHER_FIELDS, (teacher_B_T, topk_ids_B_T_K, topk_lp_B_T_K, logits_B_T_V, hidden_B_T_H),
                     strict=True))
 
-
-def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether `a` and `b` are views of the same memory with one layout (the scorer detaches its head per call)."""
-    return (a.device == b.device and a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
-            and a.dtype == b.dtype)

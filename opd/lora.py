@@ -3,10 +3,10 @@
 The adapter is injected into the `transformers` model itself (`peft.inject_adapter_in_model`),
 not wrapped in a `PeftModel`, so the student stays the object every other module knows:
 `student.model` is still its backbone (now with adapted layers), the HF rollout engine samples
-from this very module (adapter included), and `opd.fused.supports_fused` sees the head as it is.
+from this very module (adapter included), and `opd.forward.model_head` sees the head as it is.
 With the default targets ("all-linear": every linear layer of the decoder, never the `lm_head`)
-the head is a plain `nn.Linear` and the fused loss paths are exact; a target list that adapts the
-head turns it into a LoRA layer, which the structural check sends to the plain forward.
+the head is a plain `nn.Linear` (the linear head of `opd.heads`); a target list that adapts the
+head turns it into a LoRA layer, which goes through the same kernels as a module head.
 
 On disk (`save_student`): a LoRA student is saved as the merged model, `W + (alpha / r) B A`, a
 plain `from_pretrained` folder that needs no peft, plus `adapter/` (`adapter_config.json` and

@@ -13,16 +13,9 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
-from opd.logprobs import (
-    _check_chunk_size,
-    _check_temperature,
-    _compute_dtype,
-    gather_logprobs,
-    masked_mean,
-    normalized_sum,
-)
+from opd.kernels import check_beta, gather_logprobs
+from opd.logprobs import check_chunk_size, check_temperature, masked_mean, normalized_sum
 
 
 def _check_shapes(**tensors: Tensor) -> None:
@@ -74,27 +67,6 @@ def reverse_kl_advantages(sampler_logprobs_B_T: Tensor, teacher_logprobs_B_T: Te
             term_B_T[..., t] = acc_B
         term_B_T = torch.where(active_B_T, term_B_T, torch.zeros_like(term_B_T))
     return term_B_T
-
-
-def mix_opd_advantages(task_advantages_B: Tensor, sampler_logprobs_B_T: Tensor, teacher_logprobs_B_T: Tensor,
-                       loss_mask_B_T: Tensor, kl_coef: float) -> Tensor:
-    """OPD + task reward (slime / GRPO-style): `Â_t = A^task - λ · m_t · (p_t - q_t)`, before any normalization.
-
-    task_advantages_B: `[B]` (one per sequence, broadcast over its active tokens) or `[B, T]`.
-    Returns detached fp32 `advantages_B_T`, 0 on masked positions; with task advantages all 0 it
-    equals `reverse_kl_advantages(..., kl_coef=λ)` exactly.
-    """
-    _check_shapes(sampler_logprobs_B_T=sampler_logprobs_B_T, teacher_logprobs_B_T=teacher_logprobs_B_T,
-                  loss_mask_B_T=loss_mask_B_T)
-    B = loss_mask_B_T.shape[0]
-    if task_advantages_B.shape not in {(B,), tuple(loss_mask_B_T.shape)}:
-        raise ValueError(f"task_advantages {tuple(task_advantages_B.shape)} must be ({B},) "
-                         f"or {tuple(loss_mask_B_T.shape)}")
-    active_B_T = loss_mask_B_T != 0
-    task_B_T = _fp(task_advantages_B.detach())
-    task_B_T = (task_B_T[:, None] if task_B_T.dim() == 1 else task_B_T).expand(loss_mask_B_T.shape)
-    diff_B_T = _reverse_kl_term(sampler_logprobs_B_T, teacher_logprobs_B_T, kl_coef)
-    return torch.where(active_B_T, task_B_T - diff_B_T, torch.zeros_like(diff_B_T))
 
 
 def importance_sampling_loss(student_logprobs_B_T: Tensor, sampler_logprobs_B_T: Tensor, advantages_B_T: Tensor,
@@ -190,19 +162,28 @@ def topk_forward_kl_loss(student_logits_B_T_V: Tensor, teacher_topk_ids_B_T_K: T
     student tail is floored at 1e-6 in value only (straight-through) so its gradient never vanishes.
     Metrics: `opd/topk_forward_kl`, `opd/teacher_topk_mass`, `opd/sampled_token_in_topk` (if sampled ids).
     """
-    _check_temperature(temperature)
-    _check_chunk_size(chunk_size)
-    lead = tuple(student_logits_B_T_V.shape[:-1])
-    V = student_logits_B_T_V.shape[-1]
+    check_temperature(temperature)
+    check_chunk_size(chunk_size)
+    ids_B_T_K = checked_topk_ids(teacher_topk_ids_B_T_K, teacher_topk_logprobs_B_T_K, loss_mask_B_T,
+                                 student_logits_B_T_V.shape[-1], tuple(student_logits_B_T_V.shape))
+    ell_B_T_K = gather_logprobs(student_logits_B_T_V, ids_B_T_K, temperature, chunk_size)
+    return topk_forward_kl_terms(ell_B_T_K, teacher_topk_ids_B_T_K, teacher_topk_logprobs_B_T_K, loss_mask_B_T,
+                                 num_tokens, tail_bucket, sampled_ids_B_T)
+
+
+def checked_topk_ids(teacher_topk_ids_B_T_K: Tensor, teacher_topk_logprobs_B_T_K: Tensor, loss_mask_B_T: Tensor,
+                     V: int, logits_shape: tuple) -> Tensor:
+    """The teacher's ids, 0 at masked positions, after checking shapes, the id range `[0, V)` and ν at active ones."""
+    lead = tuple(logits_shape[:-1])
     if (teacher_topk_ids_B_T_K.shape != teacher_topk_logprobs_B_T_K.shape or teacher_topk_ids_B_T_K.dim() < 2
             or tuple(teacher_topk_ids_B_T_K.shape[:-1]) != lead or tuple(loss_mask_B_T.shape) != lead):
-        raise ValueError(f"shapes disagree: logits {tuple(student_logits_B_T_V.shape)}, ids "
+        raise ValueError(f"shapes disagree: logits {logits_shape}, ids "
                          f"{tuple(teacher_topk_ids_B_T_K.shape)}, logprobs {tuple(teacher_topk_logprobs_B_T_K.shape)}, "
                          f"mask {tuple(loss_mask_B_T.shape)}")
     if teacher_topk_ids_B_T_K.is_floating_point():
         raise ValueError(f"teacher top-k ids must be integers, got {teacher_topk_ids_B_T_K.dtype}")
     active_B_T = loss_mask_B_T != 0
-    nu_B_T_K = _fp(teacher_topk_logprobs_B_T_K.detach())
+    nu_B_T_K = teacher_topk_logprobs_B_T_K.detach()
     bad_B_T_K = active_B_T[..., None] & ((teacher_topk_ids_B_T_K < 0) | (teacher_topk_ids_B_T_K >= V))
     if bad_B_T_K.any():
         pos = bad_B_T_K.nonzero()[0].tolist()
@@ -213,10 +194,16 @@ def topk_forward_kl_loss(student_logits_B_T_V: Tensor, teacher_topk_ids_B_T_K: T
         pos = bad_B_T_K.nonzero()[0].tolist()
         raise ValueError(f"teacher top-k logprob {float(nu_B_T_K[tuple(pos)])} at active position {pos} "
                          "is not a logprob")
+    return torch.where(active_B_T[..., None], teacher_topk_ids_B_T_K, torch.zeros_like(teacher_topk_ids_B_T_K))
 
+
+def topk_forward_kl_terms(ell_B_T_K: Tensor, teacher_topk_ids_B_T_K: Tensor, teacher_topk_logprobs_B_T_K: Tensor,
+                          loss_mask_B_T: Tensor, num_tokens: float | Tensor, tail_bucket: bool = False,
+                          sampled_ids_B_T: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    """`topk_forward_kl_loss` given the student's logprobs ℓ at the teacher's (checked) ids, `[B, T, K]`."""
+    active_B_T = loss_mask_B_T != 0
+    nu_B_T_K = _fp(teacher_topk_logprobs_B_T_K.detach())
     finite_B_T_K = active_B_T[..., None] & nu_B_T_K.isfinite()
-    ids_B_T_K = torch.where(active_B_T[..., None], teacher_topk_ids_B_T_K, torch.zeros_like(teacher_topk_ids_B_T_K))
-    ell_B_T_K = gather_logprobs(student_logits_B_T_V, ids_B_T_K, temperature, chunk_size)
     zeros_B_T_K = torch.zeros_like(nu_B_T_K)
     # Sanitize before exp/mul: where() after them would still send 0 * NaN = NaN back into the gradient.
     nu_safe_B_T_K = torch.where(finite_B_T_K, nu_B_T_K, zeros_B_T_K)
@@ -237,91 +224,13 @@ def topk_forward_kl_loss(student_logits_B_T_V: Tensor, teacher_topk_ids_B_T_K: T
     metrics = {"opd/topk_forward_kl": masked_mean(per_token_B_T, loss_mask_B_T),
                "opd/teacher_topk_mass": masked_mean(mass_B_T, loss_mask_B_T)}
     if sampled_ids_B_T is not None:
-        if tuple(sampled_ids_B_T.shape) != lead:
-            raise ValueError(f"sampled_ids {tuple(sampled_ids_B_T.shape)} must have shape {lead}")
+        if tuple(sampled_ids_B_T.shape) != tuple(loss_mask_B_T.shape):
+            raise ValueError(f"sampled_ids {tuple(sampled_ids_B_T.shape)} must have shape {tuple(loss_mask_B_T.shape)}")
         hit_B_T = ((teacher_topk_ids_B_T_K == sampled_ids_B_T[..., None]) & finite_B_T_K).any(-1)
         metrics["opd/sampled_token_in_topk"] = masked_mean(hit_B_T.float(), loss_mask_B_T)
     return loss, _detached(metrics)
 
 
-def check_beta(beta: float) -> None:
-    if not 0.0 <= beta <= 1.0:
-        raise ValueError(f"beta must be in [0, 1], got {beta!r}")
-
-
-def jsd_rows(s_C_V: Tensor, t_C_V: Tensor, beta: float, temperature: float) -> tuple[Tensor, Tensor]:
-    """Per-row generalized JSD of logits `[C, V]` and its gradient w.r.t. the student's, fp32 (fp64 for fp64 input).
-
-    With g = ∂JSD/∂P_S = (1-β) log(P_S/M) (log(P_S/P_T) + 1 at β=1), the softmax Jacobian gives
-    ∂JSD/∂z_s = P_S (g - Σ P_S g) / τ; at β=0 it is (P_S - P_T) / τ. Log-probs are floored at
-    -1e4 (exp underflows to 0 long before), so 0·log 0 terms are exactly 0 without extra passes.
-    """
-    dtype = _compute_dtype(s_C_V)
-    z_s_C_V, z_t_C_V = s_C_V.to(dtype), t_C_V.to(dtype)
-    if temperature != 1.0:  # at τ = 1 two divisions and the last one below would only copy
-        z_s_C_V, z_t_C_V = z_s_C_V / temperature, z_t_C_V / temperature
-    log_ps_C_V = torch.log_softmax(z_s_C_V, dim=-1).clamp_(min=-1e4)
-    log_pt_C_V = torch.log_softmax(z_t_C_V, dim=-1).clamp_(min=-1e4)
-    ps_C_V = log_ps_C_V.exp()
-    pt_C_V = log_pt_C_V.exp() if beta != 1.0 else None  # KL(P_S‖P_T) reads the teacher's log-probs only
-    if beta == 0.0:
-        value_C = torch.linalg.vecdot(pt_C_V, log_pt_C_V.sub_(log_ps_C_V))
-        grad_C_V = ps_C_V.sub_(pt_C_V)
-    else:
-        if beta == 1.0:
-            log_ref_C_V, weight_s, value_t_C = log_pt_C_V, 1.0, 0.0
-        else:
-            # log M = log(β P_T + (1-β) P_S), floored at the smallest normal float (M may underflow to 0).
-            log_ref_C_V = torch.add(pt_C_V * beta, ps_C_V, alpha=1.0 - beta)
-            log_ref_C_V.clamp_(min=torch.finfo(dtype).tiny).log_()
-            value_t_C = beta * torch.linalg.vecdot(pt_C_V, log_pt_C_V.sub_(log_ref_C_V))
-            weight_s = 1.0 - beta
-        diff_C_V = log_ps_C_V.sub_(log_ref_C_V)
-        kl_s_C = torch.linalg.vecdot(ps_C_V, diff_C_V)
-        value_C = value_t_C + weight_s * kl_s_C
-        grad_C_V = ps_C_V.mul_(diff_C_V.sub_(kl_s_C[:, None]))
-        if weight_s != 1.0:
-            grad_C_V.mul_(weight_s)
-    # A divergence is >= 0; fp32 rounding can leave ~-1e-7 for near-identical rows.
-    return value_C.clamp(min=0.0), grad_C_V if temperature == 1.0 else grad_C_V.div_(temperature)
-
-
-class _ChunkedJSD(torch.autograd.Function):
-    """Per-token JSD_β on active rows only, `chunk_size` rows at a time.
-
-    Each chunk's analytic gradient comes with its value, so the forward writes it into one gradient
-    buffer of the student's dtype and the backward only scales it by the incoming per-token weights:
-    no recomputation, and the buffer takes the place of the student logits that a recomputing backward
-    would keep, so peak memory is unchanged.
-    """
-
-    @staticmethod
-    def forward(ctx, student_lead_V, teacher_lead_V, beta, temperature, chunk_size, *active_idx):
-        V = min(student_lead_V.shape[-1], teacher_lead_V.shape[-1])
-        per_token_lead = torch.zeros(student_lead_V.shape[:-1], dtype=_compute_dtype(student_lead_V),
-                                     device=student_lead_V.device)
-        n = active_idx[0].numel()
-        # Rows already cut to the active ones (training passes `[N, V]`): chunks are views, every entry is written.
-        every_row = student_lead_V.dim() == 2 and n == student_lead_V.shape[0]
-        new = torch.empty_like if every_row and V == student_lead_V.shape[-1] else torch.zeros_like
-        grad_s = new(student_lead_V, memory_format=torch.contiguous_format)
-        for start in range(0, n, chunk_size):
-            sel = (slice(start, start + chunk_size),) if every_row else tuple(i[start:start + chunk_size]
-                                                                            for i in active_idx)
-            value_C, grad_C_V = jsd_rows(student_lead_V[(*sel, slice(0, V))], teacher_lead_V[(*sel, slice(0, V))],
-                                          beta, temperature)
-            per_token_lead[sel] = value_C
-            grad_s[(*sel, slice(0, V))] = grad_C_V.to(grad_s.dtype)
-        ctx.save_for_backward(grad_s, *active_idx)
-        return per_token_lead
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_lead: Tensor):
-        grad_s, *active_idx = ctx.saved_tensors
-        weight_lead = torch.zeros_like(grad_lead)  # inactive rows have a zero gradient whatever flows in
-        weight_lead[tuple(active_idx)] = grad_lead[tuple(active_idx)]
-        return (grad_s * weight_lead.to(grad_s.dtype)[..., None], None, None, None, None, *(None for _ in active_idx))
 
 
 def generalized_jsd_loss(student_logits_B_T_V: Tensor, teacher_logits_B_T_V: Tensor, loss_mask_B_T: Tensor,
@@ -334,20 +243,39 @@ def generalized_jsd_loss(student_logits_B_T_V: Tensor, teacher_logits_B_T_V: Ten
         L = Σ_t m_t JSD_β,t / N
     Shapes: logits `[B, T, Vs]` and `[B, T, Vt]`, mask `[B, T]`. Padded vocabularies: both sides
     are compared over the shared range `V = min(Vs, Vt)` only (columns above get zero gradient).
-    Computed in fp32 over active positions only, `chunk_size` rows at a time, each chunk with its
-    analytic gradient, which the forward keeps in one buffer of the student's dtype for the backward.
+    The specification, differentiated by autograd: fp32 over the active rows only, `chunk_size` rows
+    at a time; log-probs floored at -1e4 so 0·log 0 is 0. The training kernel is `opd.kernels.jsd_loss`.
     Gradient flows to the student only. Metric: `opd/jsd`.
     """
-    _check_temperature(temperature)
-    _check_chunk_size(chunk_size)
+    check_temperature(temperature)
+    check_chunk_size(chunk_size)
     check_beta(beta)
     lead = tuple(student_logits_B_T_V.shape[:-1])
     if tuple(teacher_logits_B_T_V.shape[:-1]) != lead or tuple(loss_mask_B_T.shape) != lead or len(lead) < 1:
         raise ValueError(f"shapes disagree: student logits {tuple(student_logits_B_T_V.shape)}, teacher logits "
                          f"{tuple(teacher_logits_B_T_V.shape)}, mask {tuple(loss_mask_B_T.shape)}")
-    active_idx = (loss_mask_B_T != 0).nonzero(as_tuple=True)
-    per_token_B_T = _ChunkedJSD.apply(student_logits_B_T_V, teacher_logits_B_T_V.detach(), float(beta),
-                                      float(temperature), chunk_size, *active_idx)
+    active_B_T = loss_mask_B_T != 0
+    V = min(student_logits_B_T_V.shape[-1], teacher_logits_B_T_V.shape[-1])
+    student_A_V = student_logits_B_T_V[active_B_T][:, :V]
+    teacher_A_V = teacher_logits_B_T_V.detach()[active_B_T][:, :V]
+    values = [student_A_V.sum(-1)[:0].float()]  # keeps the graph when no row is active
+    for start in range(0, student_A_V.shape[0], chunk_size):
+        rows = slice(start, start + chunk_size)
+        log_ps_C_V = torch.log_softmax(_fp(student_A_V[rows]) / temperature, -1).clamp(min=-1e4)
+        log_pt_C_V = torch.log_softmax(_fp(teacher_A_V[rows]) / temperature, -1).clamp(min=-1e4)
+        ps_C_V, pt_C_V = log_ps_C_V.exp(), log_pt_C_V.exp()
+        if beta == 0.0:
+            value_C = (pt_C_V * (log_pt_C_V - log_ps_C_V)).sum(-1)
+        elif beta == 1.0:
+            value_C = (ps_C_V * (log_ps_C_V - log_pt_C_V)).sum(-1)
+        else:
+            log_m_C_V = (beta * pt_C_V + (1 - beta) * ps_C_V).clamp(min=torch.finfo(ps_C_V.dtype).tiny).log()
+            value_C = (beta * (pt_C_V * (log_pt_C_V - log_m_C_V)).sum(-1)
+                       + (1 - beta) * (ps_C_V * (log_ps_C_V - log_m_C_V)).sum(-1))
+        # A divergence is >= 0; fp32 rounding can leave ~-1e-7 for near-identical rows (value only).
+        values.append(value_C + (value_C.clamp(min=0.0) - value_C).detach())
+    values_A = torch.cat(values)
+    per_token_B_T = torch.zeros(lead, dtype=values_A.dtype, device=values_A.device).masked_scatter(active_B_T, values_A)
     loss = normalized_sum(per_token_B_T, loss_mask_B_T, num_tokens)
     return loss, _detached({"opd/jsd": masked_mean(per_token_B_T, loss_mask_B_T)})
 

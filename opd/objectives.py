@@ -1,8 +1,9 @@
 """The objective of each loss: what it needs from the teacher, and its value on one micro-batch.
 
 The loop (`opd.train`) asks `teacher_scores` for the teacher's side once per step and calls the
-configured micro-batch loss; which loss, which path (fused or full logits) and which form of the
-teacher's distribution are decided here, not in the loop (docs/design.md §4).
+objective `make_objective` chose once from the config. Each objective reads the student's features at
+the loss-mask rows and the head that makes its logits (`opd.forward`), and one kernel of `opd.kernels`
+(docs/design.md §4). An in-process teacher's head comes beside the Batch (`teacher_head`), never in it.
 """
 
 from __future__ import annotations
@@ -12,12 +13,11 @@ import dataclasses
 import torch
 
 from opd.config import TrainConfig
-from opd.fused import (active_hidden_states, active_logits, head_weight, linear_jsd_loss, masked_token_logprobs,
-                       supports_fused)
-from opd.logprobs import token_logprobs
-from opd.losses import (cross_entropy_loss, generalized_jsd_loss, importance_sampling_loss, opsm_mask,
-                        reverse_kl_advantages, topk_forward_kl_loss)
-from opd.tokenization import vocab_logits
+from opd.forward import active_features, masked_token_logprobs, model_head
+from opd.heads import IDENTITY
+from opd.kernels import gathered_logprobs, head_vocab, jsd_loss
+from opd.losses import (checked_topk_ids, cross_entropy_loss, importance_sampling_loss, opsm_mask, ppo_clip_loss,
+                        reverse_kl_advantages, topk_forward_kl_terms)
 from opd.types import Batch, Rollout
 
 # An objective: (student, micro-batch, step-global token count, the teacher's head or None) -> (loss, metrics).
@@ -29,7 +29,7 @@ def make_objective(config: TrainConfig, vocab_size: int | None = None):
     loss = cross_entropy_micro_loss if config.loss == "cross_entropy" else micro_loss
 
     def objective(student: torch.nn.Module, micro: Batch, num_tokens: int, teacher_head=None):
-        return loss(student, micro, config, num_tokens, vocab_size)
+        return loss(student, micro, config, num_tokens, vocab_size, teacher_head=teacher_head)
     return objective
 
 
@@ -44,26 +44,41 @@ def teacher_scores(scorer, rollouts: list[Rollout], config: TrainConfig) -> list
         return scorer.score(rollouts, config.temperature, full_logits=config.loss == "jsd")
     scores = scorer.score(rollouts, config.loss_temperature, topk=config.topk)
     if config.loss_temperature != config.temperature:
-        for s, at_tau in zip(scores, scorer.score(rollouts, config.temperature), strict=True):
-            s.logprobs_R = at_tau.logprobs_R
+        scores = [dataclasses.replace(s, logprobs_R=at_tau.logprobs_R)
+                  for s, at_tau in zip(scores, scorer.score(rollouts, config.temperature), strict=True)]
     return scores
 
 
+def student_features(student: torch.nn.Module, micro: Batch, vocab_size: int | None = None):
+    """(features_N_X, head, active_B_T): the student's features at the loss-mask rows and the head of its logits."""
+    active_B_T = micro.loss_mask_B_T != 0
+    head = model_head(student, vocab_size)
+    features_N_X = active_features(student, head, micro.tokens_B_L, micro.attention_mask_B_L, active_B_T, vocab_size,
+                                   micro.prompt_lens_B, micro.completion_lens_B, micro.prompt_index_B)
+    return features_N_X, head or IDENTITY, active_B_T
+
+
 def micro_loss(student: torch.nn.Module, micro: Batch, config: TrainConfig, num_tokens: int,
-               vocab_size: int | None = None) -> tuple[torch.Tensor, dict]:
+               vocab_size: int | None = None, teacher_head=None) -> tuple[torch.Tensor, dict]:
     """The configured loss of one micro-batch, normalized by the step-global `num_tokens`.
 
     Logits past `vocab_size` (a padded embedding) are dropped, so they get no gradient (docs/design.md §5).
     """
     if config.loss == "jsd":
-        return active_jsd_loss(student, micro, config, num_tokens, vocab_size)
-    if config.loss == "topk_kl":  # the loss reads the loss-mask rows only: pass them as an [N, ...] lead
-        active_B_T = micro.loss_mask_B_T != 0
-        return topk_forward_kl_loss(active_student_logits(student, micro, active_B_T, vocab_size),
-                                    micro.teacher_topk_ids_B_T_K[active_B_T],
-                                    micro.teacher_topk_logprobs_B_T_K[active_B_T], micro.loss_mask_B_T[active_B_T],
-                                    num_tokens, temperature=config.loss_temperature,
-                                    tail_bucket=config.tail_bucket, sampled_ids_B_T=micro.tokens_B_L[:, 1:][active_B_T])
+        return jsd_micro_loss(student, micro, config, num_tokens, vocab_size, teacher_head)
+    if config.loss == "topk_kl":
+        return topk_kl_micro_loss(student, micro, config, num_tokens, vocab_size)
+    return reverse_kl_micro_loss(student, micro, config, num_tokens, vocab_size)
+
+
+def reverse_kl_micro_loss(student: torch.nn.Module, micro: Batch, config: TrainConfig, num_tokens: int,
+                          vocab_size: int | None = None) -> tuple[torch.Tensor, dict]:
+    """The sampled-token policy gradient with `Â = A_task − c·m·(p − q)` (docs/design.md §4).
+
+    One update per batch: the importance-sampling loss (tinker-cookbook `importance_sampling`). With
+    `updates_per_batch > 1` the later updates are off the sampler's policy, so the PPO clipped surrogate
+    against the sampler's logprobs (the old policy) bounds them, as tinker-cookbook's `loss_fn: ppo`.
+    """
     student_logprobs_B_T = sampled_token_logprobs(student, micro, config, vocab_size)
     advantages_B_T = micro.advantages_B_T  # task (GRPO) advantages; None for pure OPD
     if micro.teacher_logprobs_B_T is not None:  # None only for pure GRPO (teacher_backend=none)
@@ -75,70 +90,62 @@ def micro_loss(student: torch.nn.Module, micro: Batch, config: TrainConfig, num_
     if config.opsm_delta is not None:
         loss_mask_B_T, opsm_metrics = opsm_mask(student_logprobs_B_T.detach(), micro.sampler_logprobs_B_T,
                                                 advantages_B_T, loss_mask_B_T, delta=config.opsm_delta)
-    loss, metrics = importance_sampling_loss(student_logprobs_B_T, micro.sampler_logprobs_B_T, advantages_B_T,
-                                             loss_mask_B_T, num_tokens, log_ratio_cap=config.log_ratio_cap)
+    if getattr(config, "updates_per_batch", 1) > 1:
+        loss, metrics = ppo_clip_loss(student_logprobs_B_T, micro.sampler_logprobs_B_T, advantages_B_T, loss_mask_B_T,
+                                      num_tokens)
+    else:
+        loss, metrics = importance_sampling_loss(student_logprobs_B_T, micro.sampler_logprobs_B_T, advantages_B_T,
+                                                 loss_mask_B_T, num_tokens, log_ratio_cap=config.log_ratio_cap)
     return loss, metrics | opsm_metrics
 
 
 def sampled_token_logprobs(student: torch.nn.Module, micro: Batch, config: TrainConfig,
                            vocab_size: int | None = None) -> torch.Tensor:
-    """log π_θ of each sampled token at τ, after the sampler's truncation (docs/design.md §4).
-
-    Without truncation, on a plain-head model, logits exist only at the completion tokens and one
-    chunk at a time (opd/fused.py): at a real vocabulary the full `[B, T, V]` logits and their
-    gradient are the largest tensors of a step (bench/bench_vs_trl.py, scale b).
-    """
-    if not config.top_k and config.top_p == 1.0 and supports_fused(student):
-        return masked_token_logprobs(student, micro.tokens_B_L, micro.attention_mask_B_L, micro.loss_mask_B_T,
-                                     temperature=config.temperature, vocab_size=vocab_size)
-    logits_B_L_V = student(input_ids=micro.tokens_B_L, attention_mask=micro.attention_mask_B_L).logits
-    return token_logprobs(vocab_logits(logits_B_L_V[:, :-1], vocab_size), micro.tokens_B_L[:, 1:],
-                          temperature=config.temperature, top_k=config.top_k, top_p=config.top_p)
+    """log π_θ of each sampled token at τ, after the sampler's top-k / top-p truncation (docs/design.md §4)."""
+    return masked_token_logprobs(student, micro.tokens_B_L, micro.attention_mask_B_L, micro.loss_mask_B_T,
+                                 temperature=config.temperature, vocab_size=vocab_size, top_k=config.top_k,
+                                 top_p=config.top_p, prompt_lens_B=micro.prompt_lens_B,
+                                 completion_lens_B=micro.completion_lens_B, group_B=micro.prompt_index_B)
 
 
-def active_student_logits(student: torch.nn.Module, micro: Batch, active_B_T: torch.Tensor,
-                          vocab_size: int | None = None) -> torch.Tensor:
-    """logits_N_V at the `active_B_T` targets (row-major), in target space, for the full-distribution losses.
+def topk_kl_micro_loss(student: torch.nn.Module, micro: Batch, config: TrainConfig, num_tokens: int,
+                       vocab_size: int | None = None) -> tuple[torch.Tensor, dict]:
+    """`losses.topk_forward_kl_loss` on the loss-mask rows, ℓ from the student's features and head."""
+    features_N_X, head, active_B_T = student_features(student, micro, vocab_size)
+    ids_N_K, nu_N_K = micro.teacher_topk_ids_B_T_K[active_B_T], micro.teacher_topk_logprobs_B_T_K[active_B_T]
+    mask_N = micro.loss_mask_B_T[active_B_T]
+    V = head_vocab(head, features_N_X) if features_N_X.shape[0] else 1
+    checked_N_K = checked_topk_ids(ids_N_K, nu_N_K, mask_N, V, (*mask_N.shape, V))
+    ell_N_K = gathered_logprobs(features_N_X, head, checked_N_K, config.loss_temperature)
+    return topk_forward_kl_terms(ell_N_K, ids_N_K, nu_N_K, mask_N, num_tokens, tail_bucket=config.tail_bucket,
+                                 sampled_ids_B_T=micro.tokens_B_L[:, 1:][active_B_T])
 
-    On a plain-head model the head runs at those rows only and each shared prompt once (opd/fused.py).
-    """
-    if supports_fused(student):
-        return active_logits(student, micro.tokens_B_L, micro.attention_mask_B_L, active_B_T, vocab_size)
-    logits_B_L_V = student(input_ids=micro.tokens_B_L, attention_mask=micro.attention_mask_B_L).logits
-    return vocab_logits(logits_B_L_V[:, :-1], vocab_size)[active_B_T]
 
-
-def active_jsd_loss(student: torch.nn.Module, micro: Batch, config: TrainConfig, num_tokens: int,
-                    vocab_size: int | None = None) -> tuple[torch.Tensor, dict]:
+def jsd_micro_loss(student: torch.nn.Module, micro: Batch, config: TrainConfig, num_tokens: int,
+                   vocab_size: int | None = None, teacher_head=None) -> tuple[torch.Tensor, dict]:
     """The full-vocabulary JSD on the loss-mask rows, from either form of the teacher's logits (docs/design.md §3).
 
-    On a plain-head student no `[N, V]` logits exist whole, the student's or the teacher's: both are
-    formed a chunk of rows at a time next to the loss (`fused.linear_jsd_loss`).
+    No `[N, V]` logits exist whole, the student's or the teacher's: both are formed a chunk of rows at a
+    time next to the loss (`kernels.jsd_loss`); factored teacher rows go through `teacher_head`.
     """
-    active_B_T = micro.loss_mask_B_T != 0
+    features_N_X, head, active_B_T = student_features(student, micro, vocab_size)
     mask_N = micro.loss_mask_B_T[active_B_T]
     if micro.teacher_hidden_B_T_H is None:
-        teacher_N_X, teacher_head_V_X = micro.teacher_logits_B_T_V[active_B_T], None
+        teacher_N_Y, teacher_head = micro.teacher_logits_B_T_V[active_B_T], IDENTITY
+    elif teacher_head is None:
+        raise ValueError("the batch holds the teacher's hidden states: pass teacher_head=scorer.head beside it")
     else:
-        teacher_N_X, teacher_head_V_X = micro.teacher_hidden_B_T_H[active_B_T], micro.teacher_head_V_H
-    beta, temperature = config.jsd_beta, config.loss_temperature
-    if supports_fused(student):
-        hidden_N_H = active_hidden_states(student, micro.tokens_B_L, micro.attention_mask_B_L, active_B_T)
-        return linear_jsd_loss(hidden_N_H, head_weight(student, vocab_size), teacher_N_X, mask_N, num_tokens,
-                               beta=beta, temperature=temperature, teacher_head_V_X=teacher_head_V_X)
-    if teacher_head_V_X is not None:
-        teacher_N_X = (teacher_N_X.to(teacher_head_V_X.device) @ teacher_head_V_X.T).to(active_B_T.device)
-    return generalized_jsd_loss(active_student_logits(student, micro, active_B_T, vocab_size), teacher_N_X, mask_N,
-                                num_tokens, beta=beta, temperature=temperature)
+        teacher_N_Y = micro.teacher_hidden_B_T_H[active_B_T]
+    return jsd_loss(features_N_X, head, teacher_N_Y, mask_N, num_tokens, beta=config.jsd_beta,
+                    temperature=config.loss_temperature, teacher_head=teacher_head)
 
 
 def cross_entropy_micro_loss(student: torch.nn.Module, micro: Batch, config: TrainConfig, num_tokens: int,
-                             vocab_size: int | None = None) -> tuple[torch.Tensor, dict]:
+                             vocab_size: int | None = None, teacher_head=None) -> tuple[torch.Tensor, dict]:
     """-Σ m log π_θ / N on the teacher's completion tokens, at the sampling temperature (docs/design.md §4).
 
-    The student's logprobs come from ``sampled_token_logprobs`` (the fused path where the
-    model allows it, padded logits dropped) without truncation: the target is the teacher's token,
-    which the student's full distribution at τ must put mass on (a truncated logprob could be -inf).
+    Without truncation: the target is the teacher's token, which the student's full distribution at τ
+    must put mass on (a truncated logprob could be -inf).
     """
     untruncated = dataclasses.replace(config, top_k=0, top_p=1.0)
     student_logprobs_B_T = sampled_token_logprobs(student, micro, untruncated, vocab_size)

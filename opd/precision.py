@@ -12,7 +12,7 @@ compute the same logits whichever path they take, so the on-policy ratio starts 
 
 The autocast lives on the backbone module itself (its `forward` is rebound, as accelerate's
 mixed-precision wrapper does), so every caller, including gradient-checkpointing recomputation and
-the shared-prompt forward of `opd/fused.py`, gets it without a flag passed down.
+the shared-prompt forward of `opd/forward.py`, gets it without a flag passed down.
 """
 
 from __future__ import annotations

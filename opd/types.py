@@ -50,27 +50,29 @@ class Rollout:
 
 @dataclass
 class Batch:
-    """Tensors for one optimizer step's worth of rollouts, in target space."""
+    """Tensors for one optimizer step's worth of rollouts, in target space: plain data, no model references."""
 
     tokens_B_L: torch.Tensor  # long
     attention_mask_B_L: torch.Tensor  # long, 1 on prompt + completion
     loss_mask_B_T: torch.Tensor  # float 0/1, 1 exactly on completion targets
     sampler_logprobs_B_T: torch.Tensor  # float32, 0.0 where masked
     teacher_logprobs_B_T: torch.Tensor | None  # float32, 0.0 where masked; None when no teacher scored (pure RL)
-    prompt_index_B: torch.Tensor  # long
+    prompt_index_B: torch.Tensor  # long, the group of each row: rows of one prompt index share their prompt
+    prompt_lens_B: torch.Tensor  # long, tokens of each row's prompt
+    completion_lens_B: torch.Tensor  # long, tokens of each row's completion (targets [P - 1, P - 1 + R))
     advantages_B_T: torch.Tensor | None = None  # task advantages (0 for pure OPD)
     teacher_topk_ids_B_T_K: torch.Tensor | None = None  # long, 0 where masked
     teacher_topk_logprobs_B_T_K: torch.Tensor | None = None  # float32, -inf where masked
     teacher_logits_B_T_V: torch.Tensor | None = None  # only for full-vocabulary losses
-    # The same, factored (in-process teachers): logits = teacher_hidden_B_T_H @ teacher_head_V_H.T, formed
-    # per micro-batch. The head is the frozen teacher's weight, shared by all rows: never sliced or moved.
-    teacher_hidden_B_T_H: torch.Tensor | None = None  # 0 where masked
-    teacher_head_V_H: torch.Tensor | None = None
+    # The same in factored form (in-process teachers): logits = teacher_head(teacher_hidden_B_T_H), the head
+    # passed beside the batch (`scorer.head`, docs/design.md §3). 0 where masked.
+    teacher_hidden_B_T_H: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         B, L = self.tokens_B_L.shape
         expect = {"attention_mask_B_L": (B, L), "loss_mask_B_T": (B, L - 1), "sampler_logprobs_B_T": (B, L - 1),
-                  "teacher_logprobs_B_T": (B, L - 1), "prompt_index_B": (B,), "advantages_B_T": (B, L - 1)}
+                  "teacher_logprobs_B_T": (B, L - 1), "prompt_index_B": (B,), "prompt_lens_B": (B,),
+                  "completion_lens_B": (B,), "advantages_B_T": (B, L - 1)}
         for name, shape in expect.items():
             value = getattr(self, name)
             if value is not None and tuple(value.shape) != shape:
@@ -80,25 +82,15 @@ class Batch:
             value = getattr(self, name)
             if value is not None and tuple(value.shape[:2]) != (B, L - 1):
                 raise ValueError(f"Batch.{name} has shape {tuple(value.shape)}, expected ({B}, {L - 1}, ...)")
-        hidden, head = self.teacher_hidden_B_T_H, self.teacher_head_V_H
-        if (hidden is None) != (head is None) or (head is not None and hidden.shape[-1] != head.shape[-1]):
-            raise ValueError("Batch.teacher_hidden_B_T_H and teacher_head_V_H come together with one hidden size, got "
-                             f"{None if hidden is None else tuple(hidden.shape)} and "
-                             f"{None if head is None else tuple(head.shape)}")
 
     @property
     def num_tokens(self) -> int:
         return int(self.loss_mask_B_T.sum().item())
 
     def to(self, device: torch.device | str) -> Batch:
-        """Every per-row tensor on `device`; the teacher head stays with the teacher."""
-        return Batch(**{name: (value.to(device) if isinstance(value, torch.Tensor) and name not in SHARED else value)
-                        for name, value in vars(self).items()})
+        """Every tensor on `device`."""
+        return Batch(**{name: (None if value is None else value.to(device)) for name, value in vars(self).items()})
 
     def select(self, rows: slice) -> Batch:
-        """The micro-batch of rows `rows`; every per-row tensor field sliced along B."""
-        return Batch(**{name: (value[rows] if isinstance(value, torch.Tensor) and name not in SHARED else value)
-                        for name, value in vars(self).items()})
-
-
-SHARED = frozenset({"teacher_head_V_H"})  # Batch fields that belong to no row
+        """The micro-batch of rows `rows`; every tensor sliced along B."""
+        return Batch(**{name: (None if value is None else value[rows]) for name, value in vars(self).items()})

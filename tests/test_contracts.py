@@ -84,7 +84,8 @@ def test_a_padded_student_trains_exactly_as_the_unpadded_one(teacher, student, t
     V = len(tokenizer)
     config = load_config(None, [f"loss={loss}", "temperature=0.9", "topk=8", "lr=1e-3", "micro_batch_size=3"])
     rollouts = rollouts_of(student, tokenizer, config.temperature)
-    scores = teacher_scores(HFTeacherScorer(padded_copy(teacher, seed=2), vocab_size=V), rollouts, config)
+    scorer = HFTeacherScorer(padded_copy(teacher, seed=2), vocab_size=V)
+    scores = teacher_scores(scorer, rollouts, config)
     batch = collate(rollouts, scores, tokenizer.pad_token_id)
     N = batch.num_tokens
     padded = padded_copy(student, seed=3)
@@ -95,7 +96,7 @@ def test_a_padded_student_trains_exactly_as_the_unpadded_one(teacher, student, t
         grads = {}
         keep = lambda *_: grads.update({n: p.grad.clone() for n, p in model.named_parameters()})  # noqa: E731
         optimizer.register_step_pre_hook(keep)
-        metrics = train_step(model, optimizer, batch, config, N, vocab_size=V)
+        metrics = train_step(model, optimizer, batch, config, N, vocab_size=V, teacher_head=scorer.head)
         return metrics, grads, {n: p.detach().clone() for n, p in model.named_parameters()}
 
     plain_metrics, plain_grads, plain_after = step(student)
@@ -191,7 +192,8 @@ def test_both_sides_of_every_divergence_use_the_same_temperature(student, teache
     student.eval()  # dropout is 0 anyway; eval() so the naive forward is the sampler's
     rollouts = rollouts_of(student, tokenizer, tau)
     V = len(tokenizer)
-    scores = teacher_scores(HFTeacherScorer(teacher, vocab_size=V), rollouts, config)
+    scorer = HFTeacherScorer(teacher, vocab_size=V)
+    scores = teacher_scores(scorer, rollouts, config)
     with torch.no_grad():
         for r, s in zip(rollouts, scores, strict=True):
             y_R = torch.tensor(r.completion_ids)[:, None]
@@ -206,7 +208,7 @@ def test_both_sides_of_every_divergence_use_the_same_temperature(student, teache
                 # fused hidden @ head matmul vs the full forward is relative: ~13 ulps is 2.5e-5 absolute
                 torch.testing.assert_close(s.topk_logprobs_R_K.double(), nu_R_K, rtol=2e-6, atol=2e-5)
     batch = collate(rollouts, scores, tokenizer.pad_token_id)
-    ours, _ = micro_loss(student, batch, config, batch.num_tokens, vocab_size=V)
+    ours, _ = micro_loss(student, batch, config, batch.num_tokens, vocab_size=V, teacher_head=scorer.head)
     want = naive_loss(student, teacher, rollouts, config, batch.num_tokens)
     assert abs(want.item()) > 1e-3
     assert ours.item() == pytest.approx(want.item(), rel=1e-4, abs=1e-6)

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, GraniteConfig, LlamaForCausalLM
 from families import FAMILIES, build
 from opd.batch import collate
 from opd.config import load_config
-from opd.fused import supports_fused
+from opd.forward import supports_fused
 from opd.metrics import read_metrics
 from opd.models import load_model, load_tokenizer
 from opd.rollout import Sampling, make_rollout_engine
@@ -79,9 +79,8 @@ def test_the_fused_paths_equal_the_plain_forward_in_loss_and_gradient(name, fami
         results = []
         for fused in (True, False):  # the plain path: the one a model without a plain head takes
             choice = supports_fused if fused else (lambda model: False)
-            monkeypatch.setattr("opd.objectives.supports_fused", choice)
-            monkeypatch.setattr("opd.teacher.hf.supports_fused", choice)
-            value, _ = micro_loss(student, batch, config, batch.num_tokens, len(tokenizer))
+            monkeypatch.setattr("opd.forward.supports_fused", choice)
+            value, _ = micro_loss(student, batch, config, batch.num_tokens, len(tokenizer), teacher_head=scorer.head)
             value.backward()
             teacher_logprobs = torch.cat([s.logprobs_R for s in scorer.score(rollouts, 0.8)])
             results.append((value.detach(), [p.grad.clone() for p in student.parameters()], teacher_logprobs))

@@ -1,4 +1,4 @@
-"""Logprobs from hidden states (opd/fused.py) equal the materialized logits path, value and gradient."""
+"""Logprobs from hidden states (opd/forward.py, opd/kernels.py) equal the materialized logits path, value and grad."""
 
 import copy
 
@@ -7,14 +7,26 @@ import torch
 
 from opd.batch import collate, right_pad
 from opd.config import load_config
-from opd.fused import (active_logits, linear_jsd_loss, linear_token_logprobs, masked_token_logprobs,
-                       supports_fused)
+from opd.forward import active_logits, masked_token_logprobs, model_head, supports_fused
+from opd.heads import IDENTITY, linear_head
+from opd.kernels import gathered_logprobs, jsd_loss, token_logprobs
 from opd.losses import generalized_jsd_loss, topk_forward_kl_loss
-from opd.logprobs import completion_mask, token_logprobs
+from opd.logprobs import completion_mask
 from opd.teacher import TeacherScores
 from opd.teacher.hf import score_tokens
 from opd.objectives import micro_loss
 from opd.types import Rollout
+
+
+def linear_token_logprobs(hidden, weight, ids, temperature=1.0, chunk_size=256):
+    return gathered_logprobs(hidden, linear_head(weight), ids[:, None], temperature, chunk_size=chunk_size)[:, 0]
+
+
+def linear_jsd_loss(hidden, weight, teacher, mask, num_tokens, beta=0.5, temperature=1.0, teacher_head_V_X=None,
+                    chunk_size=256, sub_rows=None):
+    teacher_head = IDENTITY if teacher_head_V_X is None else linear_head(teacher_head_V_X)
+    return jsd_loss(hidden, linear_head(weight), teacher, mask, num_tokens, beta, temperature, teacher_head,
+                    chunk_size, sub_rows)
 
 
 def test_linear_token_logprobs_equals_log_softmax_of_the_full_logits_in_value_and_gradient():
@@ -151,11 +163,15 @@ def test_completions_of_a_shared_prompt_score_as_one_forward_each(teacher, token
     V = len(tokenizer) - 8  # also a padded-vocabulary cut: only ids below V score
     completions = [[t % V for t in comp] for comp in completions]
     # Full distributions without top-k stay factored (hidden states and the head); with top-k they are logits.
-    materialized = score_tokens(teacher, prompts, completions, temperature=0.7, vocab_size=V, topk=5, full_logits=True)
-    factored = score_tokens(teacher, prompts, completions, temperature=0.7, vocab_size=V, full_logits=True)
+    groups, head = [0, 0, 0, 1, 1, 2], model_head(teacher, V)
+    materialized = score_tokens(teacher, prompts, completions, temperature=0.7, vocab_size=V, topk=5, full_logits=True,
+                                groups=groups)
+    factored = score_tokens(teacher, prompts, completions, temperature=0.7, vocab_size=V, full_logits=True,
+                            groups=groups)
     assert all(f.logits_R_V is None and f.hidden_R_H.shape == (len(c), teacher.config.hidden_size)
                for f, c in zip(factored, completions, strict=True))
-    for kwargs, shared in ((dict(), score_tokens(teacher, prompts, completions, temperature=0.7, vocab_size=V)),
+    for kwargs, shared in ((dict(), score_tokens(teacher, prompts, completions, temperature=0.7, vocab_size=V,
+                                                 groups=groups)),
                            (dict(full_logits=True), factored), (dict(topk=5, full_logits=True), materialized)):
         for row, (p, comp) in enumerate(zip(prompts, completions, strict=True)):
             alone = score_tokens(teacher, [p], [comp], temperature=0.7, vocab_size=V, **kwargs)[0]
@@ -165,9 +181,10 @@ def test_completions_of_a_shared_prompt_score_as_one_forward_each(teacher, token
                 torch.testing.assert_close(shared[row].topk_logprobs_R_K, alone.topk_logprobs_R_K, atol=2e-5, rtol=1e-5)
                 assert torch.equal(shared[row].topk_ids_R_K, alone.topk_ids_R_K)
             if kwargs:
-                torch.testing.assert_close(shared[row].full_logits(), alone.full_logits(), atol=2e-5, rtol=1e-5)
-                torch.testing.assert_close(shared[row].full_logits(), materialized[row].logits_R_V, atol=2e-5, rtol=1e-5)
-                assert shared[row].full_logits().shape == (len(comp), V)
+                torch.testing.assert_close(shared[row].full_logits(head), alone.full_logits(head), atol=2e-5, rtol=1e-5)
+                torch.testing.assert_close(shared[row].full_logits(head), materialized[row].logits_R_V, atol=2e-5,
+                                           rtol=1e-5)
+                assert shared[row].full_logits(head).shape == (len(comp), V)
 
 
 def test_a_shared_prompt_trains_through_one_prompt_forward_with_the_same_values_and_gradients(student, tokenizer):
@@ -185,9 +202,13 @@ def test_a_shared_prompt_trains_through_one_prompt_forward_with_the_same_values_
                                tokens_B_L.shape[1] - 1).float()
     mask_B_T[0, len(a) + 1] = 0.0  # a hole inside row 0's completion: scored around, not at
     upstream_B_T = torch.randn(mask_B_T.shape, generator=torch.Generator().manual_seed(0)) * mask_B_T
+    model_head(student, V)  # the structural check's one tiny forward, before the count
     positions = []  # tokens embedded per forward: the shared path embeds each distinct prompt once
     hook = student.get_input_embeddings().register_forward_hook(lambda m, args, out: positions.append(args[0].numel()))
-    shared_B_T = masked_token_logprobs(student, tokens_B_L, attention_B_L, mask_B_T, temperature=0.8, vocab_size=V)
+    shared_B_T = masked_token_logprobs(student, tokens_B_L, attention_B_L, mask_B_T, temperature=0.8, vocab_size=V,
+                                       prompt_lens_B=torch.tensor([len(p) for p in prompts]),
+                                       completion_lens_B=torch.tensor([len(comp) for comp in completions]),
+                                       group_B=torch.tensor([0, 0, 0, 1, 1, 2, 0]))
     hook.remove()
     (shared_B_T * upstream_B_T).sum().backward()
     shared_grads = [p.grad.clone() for p in student.parameters()]
@@ -209,9 +230,12 @@ def test_gradient_checkpointing_keeps_the_plain_forward(student, tokenizer):
     prompt = tokenizer.encode("3-1=", add_special_tokens=False)
     tokens_B_L, attention_B_L = right_pad([prompt + [20, 21, 22], prompt + [30, 31]], 0)
     mask_B_T = completion_mask(torch.tensor([len(prompt)] * 2), torch.tensor([3, 2]), tokens_B_L.shape[1] - 1).float()
+    model_head(student)  # the structural check's one tiny forward, before the count
     positions = []
     student.get_input_embeddings().register_forward_hook(lambda m, args, out: positions.append(args[0].numel()))
-    got_B_T = masked_token_logprobs(student, tokens_B_L, attention_B_L, mask_B_T)
+    got_B_T = masked_token_logprobs(student, tokens_B_L, attention_B_L, mask_B_T,
+                                    prompt_lens_B=torch.tensor([len(prompt)] * 2),
+                                    completion_lens_B=torch.tensor([3, 2]), group_B=torch.tensor([0, 0]))
     assert positions == [tokens_B_L.numel()]
     full_B_T = token_logprobs(student(input_ids=tokens_B_L, attention_mask=attention_B_L).logits[:, :-1], tokens_B_L[:, 1:])
     torch.testing.assert_close(got_B_T, torch.where(mask_B_T > 0, full_B_T, 0.0).detach(), atol=1e-5, rtol=1e-5)
@@ -261,16 +285,17 @@ def test_jsd_trains_the_same_on_factored_or_materialized_teacher_logits(student,
     # An in-process teacher sends hidden states and a reference to its head; the batch then holds
     # [B, T, H] instead of [B, T, V] and each micro-batch forms the teacher logits of its own rows.
     # Loss and student gradients must be those of the same batch with the logits materialized. Training
-    # forms either side's logits a chunk of rows at a time (fused.linear_jsd_loss).
+    # forms either side's logits a chunk of rows at a time (kernels.jsd_loss).
     enc = lambda text: tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
     a, b = enc("What is 12+7-3?"), enc("3-1=")
     prompts, completions = [a, a, b], [enc("16\nFinal: 16"), enc("=9"), enc("2")]
     rollouts = [Rollout(prompt_ids=p, completion_ids=c, sampler_logprobs=[-1.0] * len(c), finish_reason="stop",
                         prompt_index=i) for i, (p, c) in enumerate(zip(prompts, completions, strict=True))]
     factored = score_tokens(teacher, prompts, completions, temperature=1.0, full_logits=True)
-    materialized = [TeacherScores(logprobs_R=s.logprobs_R, logits_R_V=s.full_logits()) for s in factored]
+    teacher_head = model_head(teacher)  # beside the batch, never in it
+    materialized = [TeacherScores(logprobs_R=s.logprobs_R, logits_R_V=s.full_logits(teacher_head)) for s in factored]
     batches = [collate(rollouts, scores, tokenizer.pad_token_id) for scores in (factored, materialized)]
-    head_V_H = batches[0].teacher_head_V_H  # the teacher's own weight, not a copy
+    head_V_H = teacher_head.params[0]  # the teacher's own weight, not a copy
     assert batches[0].teacher_logits_B_T_V is None and head_V_H.data_ptr() == teacher.lm_head.weight.data_ptr()
     assert batches[1].teacher_hidden_B_T_H is None
     config = load_config(None, ["loss=jsd", "jsd_beta=0.3", "loss_temperature=0.8"])
@@ -279,7 +304,8 @@ def test_jsd_trains_the_same_on_factored_or_materialized_teacher_logits(student,
         student.zero_grad()
         total = 0.0
         for rows in (slice(0, 2), slice(2, 3)):  # the head passes through select() unsliced
-            loss, _ = micro_loss(student, batch.select(rows).to("cpu"), config, batch.num_tokens)
+            loss, _ = micro_loss(student, batch.select(rows).to("cpu"), config, batch.num_tokens,
+                                 teacher_head=teacher_head)
             loss.backward()
             total += loss.item()
         results.append((total, [p.grad.clone() for p in student.parameters()]))
@@ -289,7 +315,7 @@ def test_jsd_trains_the_same_on_factored_or_materialized_teacher_logits(student,
     unfused.config.logit_scale = 2.0
     assert not supports_fused(unfused)
     unfused.zero_grad()
-    loss, _ = micro_loss(unfused, batches[0], config, batches[0].num_tokens)
+    loss, _ = micro_loss(unfused, batches[0], config, batches[0].num_tokens, teacher_head=teacher_head)
     loss.backward()
     results.append((loss.item(), [p.grad.clone() for p in unfused.parameters()]))
     # and all equal the plain loss on the student's full forward, [B, T, V] logits and all
@@ -304,7 +330,3 @@ def test_jsd_trains_the_same_on_factored_or_materialized_teacher_logits(student,
         assert results[0][0] == pytest.approx(total, rel=1e-5)
         for got, want in zip(results[0][1], grads, strict=True):
             torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
-    other_head = TeacherScores(logprobs_R=factored[1].logprobs_R, hidden_R_H=factored[1].hidden_R_H,
-                               head_V_H=teacher.lm_head.weight.detach().clone())
-    with pytest.raises(ValueError, match="another head"):
-        collate(rollouts, [factored[0], other_head, factored[2]], tokenizer.pad_token_id)

@@ -1,4 +1,4 @@
-"""opd.logprobs: chunked logsumexp, token logprobs under temperature / top-k / top-p, masks, reductions."""
+"""opd.kernels.token_logprobs under temperature / top-k / top-p; opd.logprobs masks and reductions."""
 
 import math
 
@@ -7,68 +7,12 @@ import torch
 import torch.nn.functional as F
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from opd.logprobs import chunked_logsumexp, completion_mask, masked_mean, masked_sum, normalized_sum, token_logprobs
+from opd.kernels import token_logprobs
+from opd.logprobs import completion_mask, masked_mean, masked_sum, normalized_sum
 
 
 def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
-
-
-# ---- chunked logsumexp -------------------------------------------------------------------------
-
-@pytest.mark.parametrize("chunk_size", [1, 3, 4, 64])  # 10 rows: ragged last chunk for 3 and 4, one chunk for 64
-def test_chunked_logsumexp_matches_torch_value_and_grad(chunk_size):
-    x = (torch.randn(10, 7, generator=_gen(0)) * 3).requires_grad_(True)
-    upstream = torch.randn(10, generator=_gen(1))
-    ours = chunked_logsumexp(x, chunk_size)
-    (grad_ours,) = torch.autograd.grad(ours, x, upstream)
-    ref = torch.logsumexp(x.float(), dim=-1)
-    (grad_ref,) = torch.autograd.grad(ref, x, upstream)
-    assert ours.dtype == torch.float32 and ours.shape == (10,)
-    torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(grad_ours, grad_ref, rtol=1e-6, atol=1e-7)
-
-
-def test_chunked_logsumexp_gradcheck_float64_with_temperature():
-    x = torch.randn(5, 6, dtype=torch.float64, generator=_gen(2), requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x: chunked_logsumexp(x, 2, temperature=0.7), (x,))
-    torch.testing.assert_close(chunked_logsumexp(x, 2, temperature=0.7), torch.logsumexp(x / 0.7, -1))
-
-
-def test_chunked_logsumexp_bf16_input_fp32_result_and_bf16_grad():
-    x = (torch.randn(9, 33, generator=_gen(3)) * 4).bfloat16().requires_grad_(True)
-    ours = chunked_logsumexp(x, 4)
-    (grad_ours,) = torch.autograd.grad(ours.sum(), x)
-    ref = torch.logsumexp(x.float(), dim=-1)
-    (grad_ref,) = torch.autograd.grad(ref.sum(), x)
-    assert ours.dtype == torch.float32 and grad_ours.dtype == torch.bfloat16
-    torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(grad_ours, grad_ref, rtol=1e-2, atol=1e-5)  # fp32 softmax, rounded once to bf16
-
-
-def test_chunked_logsumexp_non_contiguous_leading_dims():
-    # logits_B_L_V[:, :-1] cannot be flattened without a copy; it is iterated per sequence instead.
-    full = torch.randn(3, 6, 5, generator=_gen(4), requires_grad=True)
-    ours = chunked_logsumexp(full[:, :-1], chunk_size=2)
-    (grad_ours,) = torch.autograd.grad(ours.sum(), full)
-    ref = torch.logsumexp(full[:, :-1], dim=-1)
-    (grad_ref,) = torch.autograd.grad(ref.sum(), full)
-    assert ours.shape == (3, 5)
-    torch.testing.assert_close(ours, ref)
-    torch.testing.assert_close(grad_ours, grad_ref)
-
-
-def test_chunked_logsumexp_garbage_rows_with_zero_upstream_get_zero_grad():
-    x = torch.randn(4, 5, generator=_gen(5))
-    x[1] = float("nan")
-    x[2, 0] = float("inf")
-    x.requires_grad_(True)
-    mask = torch.tensor([1.0, 0.0, 0.0, 1.0])
-    loss = masked_sum(chunked_logsumexp(x, 3), mask)
-    (grad,) = torch.autograd.grad(loss, x)
-    assert torch.isfinite(loss)
-    assert torch.equal(grad[1:3], torch.zeros(2, 5))
-    torch.testing.assert_close(grad[[0, 3]], torch.softmax(x.detach()[[0, 3]], -1))
 
 
 # ---- token logprobs ----------------------------------------------------------------------------
@@ -180,8 +124,6 @@ def test_token_logprobs_bad_inputs_raise():
         token_logprobs(logits, targets[:, :2])
     with pytest.raises(ValueError, match="target id 5"):
         token_logprobs(logits, targets.index_fill(1, torch.tensor([1]), 5))
-    with pytest.raises(ValueError, match="temperature"):
-        chunked_logsumexp(logits, temperature=0.0)
 
 
 # ---- masks and reductions ----------------------------------------------------------------------

@@ -10,8 +10,8 @@ from transformers import AutoModelForCausalLM
 from opd import checkpoint
 from opd.batch import collate
 from opd.config import load_config
-from opd.fused import supports_fused
-from opd.logprobs import token_logprobs
+from opd.forward import model_head, supports_fused
+from opd.kernels import token_logprobs
 from opd.lora import ADAPTER_DIR, apply_lora, is_lora, load_adapter, merged_state_dict
 from opd.metrics import read_metrics
 from opd.models import load_model, load_tokenizer
@@ -69,10 +69,10 @@ def test_the_fused_losses_of_a_lora_student_equal_its_plain_forward(tokenizer, t
     student = lora_student()
     batch, _ = real_batch(student, tokenizer, teacher, full_logits=loss == "jsd", topk=5 if loss == "topk_kl" else 0)
     config = load_config(None, [f"loss={loss}", "topk=5", "lora_rank=4"])
-    results = []
+    results, teacher_head = [], model_head(teacher, len(tokenizer))  # the scorer's head, beside the batch
     for fused in (True, False):
-        monkeypatch.setattr("opd.objectives.supports_fused", supports_fused if fused else (lambda model: False))
-        value, _ = micro_loss(student, batch, config, batch.num_tokens, len(tokenizer))
+        monkeypatch.setattr("opd.forward.supports_fused", supports_fused if fused else (lambda model: False))
+        value, _ = micro_loss(student, batch, config, batch.num_tokens, len(tokenizer), teacher_head=teacher_head)
         value.backward()
         results.append((value.detach(), {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}))
         student.zero_grad(set_to_none=True)

@@ -13,7 +13,6 @@ from opd.losses import (
     generalized_jsd_loss,
     grpo_advantages,
     importance_sampling_loss,
-    mix_opd_advantages,
     opsm_mask,
     ppo_clip_loss,
     reverse_kl_advantages,
@@ -439,21 +438,6 @@ def test_grpo_advantages_hand_values():
                                torch.tensor([1 / 3, -2 / 3, 1 / 3, 0.0]))
     assert torch.equal(grpo_advantages(torch.ones(3), torch.zeros(3)), torch.zeros(3))  # zero variance: 0, not NaN
 
-
-def test_mix_opd_advantages_hand_values_and_pure_opd_identity():
-    # A_task = 1, λ = 1, p - q = [0.5, -1]: Â = 1 - [0.5, -1] = [0.5, 2]; masked slot 0.
-    p = torch.tensor([[-1.0, -2.0, NAN]])
-    q = torch.tensor([[-1.5, -1.0, NAN]])
-    m = torch.tensor([[1.0, 1.0, 0.0]])
-    assert torch.equal(mix_opd_advantages(torch.tensor([1.0]), p, q, m, kl_coef=1.0), torch.tensor([[0.5, 2.0, 0.0]]))
-    gen = _gen(9)
-    p, q = torch.randn(3, 6, generator=gen), torch.randn(3, 6, generator=gen)
-    m = (torch.rand(3, 6, generator=gen) > 0.4).float()
-    assert torch.equal(mix_opd_advantages(torch.zeros(3), p, q, m, kl_coef=0.7),
-                       reverse_kl_advantages(p, q, m, kl_coef=0.7))
-
-
-# ---- OPSM --------------------------------------------------------------------------------------
 
 def test_opsm_rejects_whole_sequences_on_the_right_condition():
     delta = 0.2

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from opd.batch import collate
 from opd.config import TrainConfig, load_config
-from opd.fused import masked_token_logprobs
+from opd.forward import masked_token_logprobs
 from opd.models import TINY_DIR, check_loaded, load_model, load_tokenizer, save_dtype
 from opd.precision import save_pretrained_as
 from opd.rollout import Sampling
@@ -153,7 +153,7 @@ def test_non_finite_weights_and_logits_are_caught_at_load_naming_the_model(tmp_p
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(tokenizer, teacher):
-    # With checkpointing, the shared-prompt forward (opd/fused.py) steps aside (transformers drops the KV cache
+    # With checkpointing, the shared-prompt forward (opd/forward.py) steps aside (transformers drops the KV cache
     # under checkpointing in training), so this compares it with the plain forward of every row as well.
     config = TrainConfig()
     plain, checkpointed = load_model("tiny:student"), load_model("tiny:student")

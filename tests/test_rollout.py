@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from opd.batch import collate
-from opd.logprobs import token_logprobs
+from opd.kernels import token_logprobs
 from opd.models import load_model
 from opd.rollout import Sampling
 from opd.rollout.hf import HFRolloutEngine, sample_next

@@ -34,7 +34,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from opd.distributed import is_sharded
-from opd.logprobs import _truncation_threshold
+from opd.kernels import truncation_threshold
 from opd.rollout import Sampling
 from opd.tokenization import pad_id, stop_token_ids
 from opd.types import Rollout
@@ -182,7 +182,7 @@ def sample_next(logits_A_V: torch.Tensor, sampling: Sampling, forbid_ids: torch.
 
     `forbid_ids` (every stop id, before min_new_tokens) are removed first, as transformers'
     MinNewTokensLengthLogitsProcessor does with each eos id; then z = logits / τ, truncated by top-k
-    then top-p with the trainer's own threshold (`opd.logprobs`), so the logprob equals `token_logprobs` recomputed on the same logits. Greedy
+    then top-p with the trainer's own threshold (`opd.kernels`), so the logprob equals `token_logprobs` recomputed on the same logits. Greedy
     takes the argmax of the raw logits and reports its logprob under softmax(logits).
     """
     z_A_V = logits_A_V.float()
@@ -194,7 +194,7 @@ def sample_next(logits_A_V: torch.Tensor, sampling: Sampling, forbid_ids: torch.
         return ids_A, logprobs_A_V.gather(-1, ids_A[:, None]).squeeze(1)
     z_A_V = z_A_V / sampling.temperature
     if (0 < sampling.top_k < z_A_V.shape[-1]) or sampling.top_p < 1.0:
-        threshold_A = _truncation_threshold(z_A_V, 1.0, sampling.top_k, sampling.top_p, chunk_size=z_A_V.shape[0])
+        threshold_A = truncation_threshold(z_A_V, sampling.top_k, sampling.top_p)
         z_A_V.masked_fill_(z_A_V < threshold_A[:, None], float("-inf"))
     logprobs_A_V = torch.log_softmax(z_A_V, dim=-1)
     cdf_A_V = torch.cumsum(logprobs_A_V.exp(), dim=-1, dtype=torch.float64)

@@ -21,16 +21,17 @@ class TeacherScores:
     topk_ids_R_K: torch.Tensor | None = None  # long, the teacher's own top-k tokens
     topk_logprobs_R_K: torch.Tensor | None = None  # float32, their teacher logprobs
     logits_R_V: torch.Tensor | None = None  # raw logits, for full-vocabulary losses
-    # The same logits in factored form (in-process teachers): `hidden_R_H @ head_V_H.T`. The head is a
-    # reference to the frozen teacher's weight, shared by every rollout, so no [R, V] tensor is stored.
+    # The same logits in factored form (in-process teachers): `scorer.head(hidden_R_H)`; the head stays with
+    # the scorer, so no [R, V] tensor is stored and the scores are plain data.
     hidden_R_H: torch.Tensor | None = None
-    head_V_H: torch.Tensor | None = None
 
-    def full_logits(self) -> torch.Tensor | None:
-        """logits_R_V, from either form (float32 on the CPU); None when the teacher sent no full distribution."""
+    def full_logits(self, head=None) -> torch.Tensor | None:
+        """logits_R_V, from either form (float32 on the CPU; `head`: the scorer's, for the factored form)."""
         if self.hidden_R_H is None:
             return self.logits_R_V
-        return (self.hidden_R_H.to(self.head_V_H.device) @ self.head_V_H.T).float().cpu()
+        device = head.params[0].device if head.params else self.hidden_R_H.device
+        with torch.no_grad():
+            return head(self.hidden_R_H.to(device)).float().cpu()
 
 
 class TeacherScorer(Protocol):
