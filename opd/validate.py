@@ -124,7 +124,7 @@ def validate_run(run_dir: str | Path, expected_steps: int) -> list[dict]:
             raise ValueError(f"{run_dir}: step {r['step']} has non-finite {bad}")
         if r["step"] and not r.get("train/active_tokens", 0) > 0:
             raise ValueError(f"{run_dir}: step {r['step']} trained on no tokens (train/active_tokens "
-                             f"{r.get('opd/active_tokens')})")
+                             f"{r.get('train/active_tokens')})")
     if not (Path(run_dir) / "final" / "config.json").is_file():
         raise ValueError(f"{run_dir}: no final student folder (final/config.json)")
     return records
