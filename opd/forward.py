@@ -19,6 +19,7 @@ back through the cache copy.
 
 from __future__ import annotations
 
+import inspect
 import weakref
 
 import torch
@@ -159,6 +160,13 @@ def active_hidden_states(model: torch.nn.Module, tokens_B_L: Tensor, attention_m
     return hidden_B_L_H[:, :-1][active_B_T]
 
 
+def cache_keyword(model: torch.nn.Module) -> str:
+    """The forward's name for the KV cache: `cache` in the transformers that deprecate `past_key_values`
+    (5.24 warns at every call), `past_key_values` before; read from the model class's signature."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT wrapper takes **kwargs
+    return "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
+
+
 def shared_prompt_hidden_states(model: torch.nn.Module, tokens_A_L: Tensor, prompt_lens_A: Tensor,
                                 completion_lens_A: Tensor, group_A: Tensor) -> tuple[Tensor, Tensor]:
     """(hidden_A_R_H, real_A_R): the final hidden state that predicts each completion token of right-padded rows.
@@ -194,10 +202,10 @@ def shared_prompt_hidden_states(model: torch.nn.Module, tokens_A_L: Tensor, prom
     completions_A_R = torch.where(real_A_R, tokens_A_L.gather(1, (P_A[:, None] + r_R).clamp(max=L - 1)), pad_id)
     backbone = getattr(model, model.base_model_prefix)
     cache = DynamicCache(config=model.config)
-    last_U_H = backbone(input_ids=prompts_U_W, attention_mask=prompt_mask_U_W, past_key_values=cache, use_cache=True,
+    last_U_H = backbone(input_ids=prompts_U_W, attention_mask=prompt_mask_U_W, **{cache_keyword(backbone): cache}, use_cache=True,
                         position_ids=(prompt_mask_U_W.cumsum(-1) - 1).clamp(min=0)).last_hidden_state[:, -1]
     cache.batch_select_indices(group_A)
-    hidden_A_R_H = backbone(input_ids=completions_A_R, past_key_values=cache, use_cache=True,
+    hidden_A_R_H = backbone(input_ids=completions_A_R, **{cache_keyword(backbone): cache}, use_cache=True,
                             attention_mask=torch.cat([prompt_mask_U_W[group_A], real_A_R.long()], dim=1),
                             position_ids=P_A[:, None] + r_R).last_hidden_state
     # the hidden state before completion token j: the prompt's last for j = 0, completion token j - 1's after

@@ -27,13 +27,12 @@ No pad token is needed: padding is masked out, so any id fills it (`opd.tokeniza
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from opd.distributed import is_sharded
+from opd.forward import cache_keyword
 from opd.kernels import truncation_threshold
 from opd.rollout import Sampling
 from opd.tokenization import pad_id, stop_token_ids
@@ -160,13 +159,6 @@ class PreallocatedLayer(DynamicLayer):
         if self.is_initialized:
             self.key_buffer, self.value_buffer = self.key_buffer[indices], self.value_buffer[indices]
             self.keys, self.values = self.key_buffer[:, :, : self.length], self.value_buffer[:, :, : self.length]
-
-
-def cache_keyword(model: torch.nn.Module) -> str:
-    """The forward's name for the KV cache: `cache` in the transformers that deprecate `past_key_values`
-    (5.24 warns at every call), `past_key_values` before; read from the model class's signature."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT wrapper takes **kwargs
-    return "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
 
 
 def preallocated_cache(config, max_len: int) -> DynamicCache:
