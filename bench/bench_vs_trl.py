@@ -245,10 +245,11 @@ def worker_parity(spec: dict) -> dict:
     rollouts = HFRolloutEngine(student, tokenizer).generate(prompts, 2, Sampling(max_new_tokens=spec["N"]), seed=0)
     for r in rollouts:
         r.teacher_prompt_ids = r.prompt_ids
-    batch = collate(rollouts, HFTeacherScorer(teacher).score(rollouts, 1.0, full_logits=True), tokenizer.pad_token_id)
+    scorer = HFTeacherScorer(teacher)
+    batch = collate(rollouts, scorer.score(rollouts, 1.0, full_logits=True), tokenizer.pad_token_id)
     student.train()
     config = load_config(None, ["loss=jsd", "jsd_beta=1.0", "temperature=1.0"])
-    opd_loss, _ = micro_loss(student, batch, config, batch.num_tokens, len(tokenizer))
+    opd_loss, _ = micro_loss(student, batch, config, batch.num_tokens, len(tokenizer), teacher_head=scorer.head)
     opd_loss.backward()
     opd_grads = [p.grad.clone() for p in student.parameters()]
     student.zero_grad()
