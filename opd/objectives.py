@@ -25,8 +25,8 @@ from opd.types import Batch, Rollout
 
 
 def make_objective(config: TrainConfig, vocab_size: int | None = None):
-    """The configured micro-batch loss, chosen once; the loop calls it per micro-batch."""
-    loss = cross_entropy_micro_loss if config.loss == "cross_entropy" else micro_loss
+    """The configured micro-batch loss, chosen once (`OBJECTIVES`); the loop calls it per micro-batch."""
+    loss = OBJECTIVES[config.loss]
 
     def objective(student: torch.nn.Module, micro: Batch, num_tokens: int, teacher_head=None):
         return loss(student, micro, config, num_tokens, vocab_size, teacher_head=teacher_head)
@@ -64,15 +64,11 @@ def micro_loss(student: torch.nn.Module, micro: Batch, config: TrainConfig, num_
 
     Logits past `vocab_size` (a padded embedding) are dropped, so they get no gradient (docs/design.md §5).
     """
-    if config.loss == "jsd":
-        return jsd_micro_loss(student, micro, config, num_tokens, vocab_size, teacher_head)
-    if config.loss == "topk_kl":
-        return topk_kl_micro_loss(student, micro, config, num_tokens, vocab_size)
-    return reverse_kl_micro_loss(student, micro, config, num_tokens, vocab_size)
+    return OBJECTIVES[config.loss](student, micro, config, num_tokens, vocab_size, teacher_head)
 
 
 def reverse_kl_micro_loss(student: torch.nn.Module, micro: Batch, config: TrainConfig, num_tokens: int,
-                          vocab_size: int | None = None) -> tuple[torch.Tensor, dict]:
+                          vocab_size: int | None = None, teacher_head=None) -> tuple[torch.Tensor, dict]:
     """The sampled-token policy gradient with `Â = A_task − c·m·(p − q)` (docs/design.md §4).
 
     One update per batch: the importance-sampling loss (tinker-cookbook `importance_sampling`). With
@@ -90,7 +86,7 @@ def reverse_kl_micro_loss(student: torch.nn.Module, micro: Batch, config: TrainC
     if config.opsm_delta is not None:
         loss_mask_B_T, opsm_metrics = opsm_mask(student_logprobs_B_T.detach(), micro.sampler_logprobs_B_T,
                                                 advantages_B_T, loss_mask_B_T, delta=config.opsm_delta)
-    if getattr(config, "updates_per_batch", 1) > 1:
+    if config.updates_per_batch > 1:
         loss, metrics = ppo_clip_loss(student_logprobs_B_T, micro.sampler_logprobs_B_T, advantages_B_T, loss_mask_B_T,
                                       num_tokens)
     else:
@@ -109,7 +105,7 @@ def sampled_token_logprobs(student: torch.nn.Module, micro: Batch, config: Train
 
 
 def topk_kl_micro_loss(student: torch.nn.Module, micro: Batch, config: TrainConfig, num_tokens: int,
-                       vocab_size: int | None = None) -> tuple[torch.Tensor, dict]:
+                       vocab_size: int | None = None, teacher_head=None) -> tuple[torch.Tensor, dict]:
     """`losses.topk_forward_kl_loss` on the loss-mask rows, ℓ from the student's features and head."""
     features_N_X, head, active_B_T = student_features(student, micro, vocab_size)
     ids_N_K, nu_N_K = micro.teacher_topk_ids_B_T_K[active_B_T], micro.teacher_topk_logprobs_B_T_K[active_B_T]
@@ -150,3 +146,8 @@ def cross_entropy_micro_loss(student: torch.nn.Module, micro: Batch, config: Tra
     untruncated = dataclasses.replace(config, top_k=0, top_p=1.0)
     student_logprobs_B_T = sampled_token_logprobs(student, micro, untruncated, vocab_size)
     return cross_entropy_loss(student_logprobs_B_T, micro.loss_mask_B_T, num_tokens)
+
+
+# config.loss -> its objective; every entry takes (student, micro, config, num_tokens, vocab_size, teacher_head)
+OBJECTIVES = {"reverse_kl": reverse_kl_micro_loss, "topk_kl": topk_kl_micro_loss, "jsd": jsd_micro_loss,
+              "cross_entropy": cross_entropy_micro_loss}

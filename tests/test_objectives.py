@@ -56,3 +56,9 @@ def test_several_updates_per_batch_take_the_clipped_loss_against_the_sampler(stu
     ppo(student, first, 2)[0].backward()
     for got, want in zip(clipped, (p.grad for p in student.parameters()), strict=True):
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4)
+
+
+def test_every_configurable_loss_has_one_objective():
+    from opd.config import LOSSES
+    from opd.objectives import OBJECTIVES
+    assert set(OBJECTIVES) == set(LOSSES)
