@@ -26,10 +26,11 @@ def right_pad(seqs: list[list[int]], pad_id: int, min_width: int = 2) -> tuple[t
 
 
 def collate(rollouts: list[Rollout], scores: list[TeacherScores] | None, pad_id: int,
-            advantages_B: torch.Tensor | None = None) -> Batch:
+            advantages_B: torch.Tensor | None = None, kl_coef_B: torch.Tensor | None = None) -> Batch:
     """Right-padded tokens and every per-token tensor a loss needs, zero (or -inf) where masked.
 
     `scores=None` means no teacher scored (pure RL, `teacher_backend=none`): every teacher field is None.
+    `kl_coef_B`: each row's reverse-KL weight, its teacher's `kl_coef` (several teachers; None: one for all).
     """
     if not rollouts or (scores is not None and len(rollouts) != len(scores)):
         raise ValueError(f"collate needs one teacher score per rollout, got {len(rollouts)} rollouts, "
@@ -50,7 +51,7 @@ def collate(rollouts: list[Rollout], scores: list[TeacherScores] | None, pad_id:
     return Batch(tokens_B_L=tokens_B_L, attention_mask_B_L=attention_mask_B_L, loss_mask_B_T=loss_mask_B_T,
                  sampler_logprobs_B_T=sampler_B_T, prompt_index_B=torch.tensor([r.prompt_index for r in rollouts]),
                  prompt_lens_B=prompt_lens_B, completion_lens_B=completion_lens_B, advantages_B_T=advantages_B_T,
-                 **teacher)
+                 kl_coef_B=None if kl_coef_B is None else kl_coef_B.float(), **teacher)
 
 
 TEACHER_FIELDS = ("teacher_logprobs_B_T", "teacher_topk_ids_B_T_K", "teacher_topk_logprobs_B_T_K",

@@ -25,6 +25,7 @@ import torch
 from opd import lora
 
 STEP_RE = re.compile(r"^step_(\d+)$")
+TEACHERS_FILE = "teachers.json"  # the teacher manifest: names, paths, config hashes (#22)
 STATE_FILE = "trainer_state.pt"
 MANIFEST = "manifest.json"
 log = logging.getLogger(__name__)
@@ -38,8 +39,10 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def save(run_dir: Path, step: int, student, tokenizer, optimizer_state: dict, scheduler, config) -> Path:
+def save(run_dir: Path, step: int, student, tokenizer, optimizer_state: dict, scheduler, config,
+         teachers: dict | None = None) -> Path:
     """`optimizer_state`: the full, name-keyed state of `distributed.optimizer_state` (the same with or without FSDP).
+    `teachers`: the teacher manifest (`opd.teachers.manifest`), written as `teachers.json`; resume compares it.
 
     Checks free space first; a failed write removes its own `.tmp` and leaves every earlier
     checkpoint as it was. Then keeps the newest `config.keep_last` checkpoints (0 = all).
@@ -58,6 +61,8 @@ def save(run_dir: Path, step: int, student, tokenizer, optimizer_state: dict, sc
                          "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
         torch.save(state, tmp / STATE_FILE)
         (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        if teachers is not None:
+            (tmp / TEACHERS_FILE).write_text(json.dumps(teachers, indent=2, sort_keys=True) + "\n")
         write_manifest(tmp, step)
     except BaseException as e:
         written, free = checkpoint_size(tmp), shutil.disk_usage(final.parent).free

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 from opd.precision import check_device
 from opd.rollout import Sampling
+from opd.teachers import check_teachers
 from opd.vllm_setup import check_temperature
 
 LOSSES = ("reverse_kl", "topk_kl", "jsd", "cross_entropy")  # cross_entropy: off-policy, the teacher samples
@@ -63,6 +65,10 @@ class TrainConfig:
     # a teacher that lives elsewhere (#18, #25): with teacher_backend=vllm|served only its tokenizer + config load
     teacher_model_name: str | None = None  # served teacher: the name `vllm serve` serves it under (default: `teacher`)
     teacher_timeout_s: float = 300.0  # served teacher: seconds per request attempt (3 retries on timeouts and 5xx)
+    # several teachers (#22, opd/teachers.py): route name -> {path, backend, url, dtype, device, kl_coef, ...}
+    teachers: dict[str, Any] | None = None  # replaces `teacher`; rows pick one by their teacher/teacher_id/data_source
+    default_teacher: str | None = None  # the teacher of rows that name none
+    teacher_mix: dict[str, float] | None = None  # prompts per step by teacher, as weights (default: as drawn)
     # loss
     loss: str = "reverse_kl"  # sampled-token reverse KL (IS policy gradient), "topk_kl", "jsd"; "cross_entropy" = off-policy
     kl_coef: float = 1.0  # c (pure OPD) or λ (OPD + task reward) on the per-token reverse-KL advantage
@@ -197,7 +203,8 @@ class TrainConfig:
                              f"{self.lora_rank}, {self.lora_alpha}, {self.lora_targets!r}")
         if self.lora_rank and self.fsdp:
             raise ValueError("lora_rank > 0 with fsdp=true is not implemented; an adapter is small: use fsdp=false")
-        for name in ("teacher", "student"):
+        check_teachers(self)
+        for name in ("student",) if self.teachers else ("teacher", "student"):
             path = getattr(self, name)
             if path not in TINY_ALIASES and not (Path(path) / "config.json").is_file():
                 raise ValueError(f"{name}={path!r} is not a model folder (no config.json there); give a local Hugging "
@@ -292,7 +299,11 @@ def load_config(recipe: str | Path | None = None, overrides: list[str] = ()) -> 
     bad = [o for o in overrides if "=" not in o]
     if bad:
         raise ValueError(f"overrides must be key=value, got {bad}; keys: {keys}")
-    layers.append(("overrides", OmegaConf.from_dotlist(list(overrides))))
+    try:
+        layers.append(("overrides", OmegaConf.from_dotlist(list(overrides))))
+    except yaml.YAMLError as e:  # a value YAML cannot read, e.g. an unquoted `a:b` inside {...}
+        raise ValueError(f"bad override among {list(overrides)}: not a YAML value ({str(e).splitlines()[0]}); quote "
+                         f"it, or set nested keys one by one: teachers.math.path=tiny:teacher") from None
     merged = OmegaConf.structured(TrainConfig)
     try:
         for source, layer in layers:

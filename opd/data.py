@@ -17,7 +17,7 @@ import logging
 import math
 import statistics
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -25,6 +25,7 @@ from opd.rewards import NEEDS_ANSWER, Reward, make_reward, reward_name
 from opd.rows import ANSWER_KEYS, PROMPT_KEYS, Keys, RowError, example_from_row, first_present
 from opd.sources import Table, read_table
 from opd.tasks.base import Example
+from opd.teachers import check_routes
 
 log = logging.getLogger(__name__)
 
@@ -56,13 +57,19 @@ class Counts:
     answers: int = 0
     routes: int = 0
     references: int = 0
+    route_rows: dict = field(default_factory=dict)  # each route name seen -> its first row (for check_routes)
+    unrouted_row: str | None = None  # the first row that names no teacher
 
-    def add(self, ex: Example) -> None:
+    def add(self, ex: Example, where: str = "") -> None:
         self.rows += 1
         self.teacher += ex.teacher_prompt != ex.prompt
         self.answers += bool(ex.answer)
         self.routes += ex.route is not None
         self.references += bool(ex.solution)
+        if ex.route is None:
+            self.unrouted_row = self.unrouted_row or where
+        else:
+            self.route_rows.setdefault(ex.route, where)
 
 
 @dataclass(frozen=True)
@@ -92,7 +99,7 @@ def validate_table(table: Table, keys: Keys, reward: str, privileged_task: bool 
             n_bad += 1
             bad += [f"{table.where(i)}: {problem}"] if len(bad) < SHOWN else []
             continue
-        counts.add(ex)
+        counts.add(ex, table.where(i))
         if row.get("id") is not None:
             ids.append((hash(ex.id), i))
             hash_N[i] = int(hashlib.blake2b(ex.id.encode(), digest_size=8).hexdigest(), 16) / 2.0**64
@@ -142,6 +149,12 @@ def duplicated_ids(table: Table, ids: list[tuple[int, int]]) -> tuple[list[str],
     return shown, len(repeats)
 
 
+def checked_routes(config, table: Table, counts: Counts) -> Counts:
+    """`counts`, after checking that every row's teacher exists (several teachers, opd/teachers.py)."""
+    check_routes(config, counts.route_rows, counts.unrouted_row, table.label)
+    return counts
+
+
 def read_rows(source: str, keys: Keys, reward: str) -> tuple[Table, Counts, np.ndarray]:
     """A file / folder / `hf:` source, read and validated."""
     table = read_table(source)
@@ -168,15 +181,17 @@ def load_data(config) -> Data:
     if not config.data:
         privileged = config.task.endswith("_privileged")
         train_table, eval_table = task_table(config, "train"), task_table(config, "test")
-        counts, _ = validate_table(train_table, keys, name, privileged)
-        validate_table(eval_table, keys, name, privileged)
+        counts = checked_routes(config, train_table, validate_table(train_table, keys, name, privileged)[0])
+        checked_routes(config, eval_table, validate_table(eval_table, keys, name, privileged)[0])
         train = Rows(train_table, np.arange(len(train_table)), keys)
         held_out = Rows(eval_table, np.arange(len(eval_table)), keys)
         split = f"{len(eval_table)} held-out test rows"
     else:
         train_table, counts, hash_N = read_rows(config.data, keys, name)
+        checked_routes(config, train_table, counts)
         if config.eval_data:
-            eval_table, _, _ = read_rows(config.eval_data, keys, name)
+            eval_table, eval_counts, _ = read_rows(config.eval_data, keys, name)
+            checked_routes(config, eval_table, eval_counts)
             train_N, eval_N = np.arange(len(train_table)), np.arange(min(len(eval_table), config.eval_size))
             split = f"{len(eval_N)} eval rows from {config.eval_data}"
         elif config.eval_fraction == 0:

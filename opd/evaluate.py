@@ -15,17 +15,22 @@ padded embedding changes nothing (docs/design.md §5).
 
 from __future__ import annotations
 
+import itertools
+import logging
+
 import torch
 
 from opd.rollout import Sampling
 from opd.rollout.hf import HFRolloutEngine
 from opd.report import SPANS
-from opd.rewards import Reward, final_answer, score
+from opd.rewards import Reward, final_answer, make_reward, reward_name, score
 from opd.tasks import FINAL_RE, Example
 from opd.teacher import greedy_traces
 from opd.teacher.hf import HFTeacherScorer, score_tokens
+from opd.teachers import SINGLE, route_of
 from opd.tokenization import render_prompt, stop_token_ids
 
+log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
@@ -171,3 +176,84 @@ def trace_gap(student_nll: list[torch.Tensor], teacher_nll: list[torch.Tensor], 
 
 def _short(text: str, limit: int = 200) -> str:
     return repr(text) if len(text) <= limit else repr(text[:limit]) + "..."
+
+
+# ---------------------------------------------------------------- the run's evaluation, per teacher (#22)
+
+POOLED = {"student_accuracy": None, "teacher_accuracy": None, "truncated_fraction": None, "mean_length": None,
+          "sampled_reverse_kl": "active_tokens", "trace_gap": "trace_tokens",
+          "trace_gap_pre_final": "trace_tokens_pre_final", "trace_gap_final": "trace_tokens_final"}  # None: by rows
+ADDED = ("active_tokens", "teacher_truncated", "trace_tokens", "trace_tokens_pre_final", "trace_tokens_final")
+
+
+def make_evaluator(config, teachers, scorers: dict, tokenizer, eval_examples, examples):
+    """The run's evaluation: held-out rows, plus the first `eval_train_size` training rows as `eval_train/*`.
+
+    With several teachers each teacher's rows are judged against it (`eval/<teacher>/*`), and the headline
+    metrics are pooled (`eval/*`, token- or row-weighted). A teacher that lives elsewhere is only its config
+    in `teachers.models`: it evaluates through its scorer (#18).
+    """
+    reward = make_reward(reward_name(config))
+
+    def routed(rows):
+        by_teacher: dict[str, list[Example]] = {}
+        for ex in rows:
+            by_teacher.setdefault(route_of(ex, config), []).append(ex)
+        evaluators = {}
+        for name in teachers.names:
+            if not by_teacher.get(name):
+                log.warning("warning: teacher %r has no evaluation rows: it gets no eval/%s/* metrics", name, name)
+                continue
+            teacher = teachers.models[name]
+            evaluators[name] = Evaluator(teacher if isinstance(teacher, torch.nn.Module) else scorers[name], tokenizer,
+                                         teachers.tokenizers[name], by_teacher[name], config.temperature,
+                                         config.max_new_tokens, seed=config.seed, reward=reward)
+        return evaluators[SINGLE] if not config.teachers else per_teacher(evaluators)
+
+    evaluate = routed(list(eval_examples))
+    if config.eval_train_size:
+        evaluate = with_training_rows(evaluate, routed(examples[: config.eval_train_size]))
+    return evaluate
+
+
+def per_teacher(evaluators: dict[str, Evaluator]):
+    """One evaluation over several teachers' rows: `eval/<name>/<metric>` per teacher, and `eval/<metric>` pooled."""
+    def evaluate(student) -> dict:
+        results = {name: ev(student) for name, ev in evaluators.items()}
+        out, texts = {}, {}
+        for name, metrics in results.items():
+            texts[name] = [f"[{name}] {text}" for text in metrics.pop("eval/samples", [])]
+            out |= {f"eval/{name}/{key.removeprefix('eval/')}": v for key, v in metrics.items()}
+        samples = [t for row in itertools.zip_longest(*texts.values()) for t in row if t]  # the teachers in turn
+        out |= pooled(results, {name: len(ev.examples) for name, ev in evaluators.items()})
+        return out | {"eval/samples": samples}
+    return evaluate
+
+
+def pooled(results: dict[str, dict], rows: dict[str, int]) -> dict:
+    """The teachers' metrics as if measured on all rows at once: sums of counts, and means weighted by the tokens
+    (or rows) each was measured on; a metric some teacher lacks is not pooled."""
+    out = {}
+    for metric in ADDED:
+        if all(f"eval/{metric}" in m for m in results.values()):
+            out[f"eval/{metric}"] = sum(m[f"eval/{metric}"] for m in results.values())
+    for metric, weight in POOLED.items():
+        key = f"eval/{metric}"
+        if not all(key in m for m in results.values()) or (weight and f"eval/{weight}" not in out):
+            continue
+        w = {name: (m[f"eval/{weight}"] if weight else rows[name]) for name, m in results.items()}
+        out[key] = sum(m[key] * w[name] for name, m in results.items()) / max(sum(w.values()), 1)
+    return out
+
+
+def with_training_rows(held_out, training_rows):
+    """One evaluation: held-out metrics as `eval/*`, the training rows' as `eval_train/*` (no transcripts).
+
+    The privileged recipe judges distillation by the teacher-trace gap on the very rows it
+    trains on (as the reference run does); the held-out set shows what carries over.
+    """
+    def evaluate(student) -> dict:
+        on_train = training_rows(student)
+        on_train.pop("eval/samples", None)
+        return held_out(student) | {key.replace("eval/", "eval_train/", 1): v for key, v in on_train.items()}
+    return evaluate

@@ -39,13 +39,13 @@ def _advantage_metrics(advantages_B_T: Tensor, active_B_T: Tensor) -> dict[str, 
             "opd/abs_advantage": masked_mean(adv_B_T.abs(), active_B_T)}
 
 
-def _reverse_kl_term(sampler_logprobs_B_T: Tensor, teacher_logprobs_B_T: Tensor, kl_coef: float) -> Tensor:
-    """c · (p_t - q_t) everywhere, detached fp32; callers where-mask it (masked slots may hold garbage)."""
+def _reverse_kl_term(sampler_logprobs_B_T: Tensor, teacher_logprobs_B_T: Tensor, kl_coef: float | Tensor) -> Tensor:
+    """c · (p_t - q_t) everywhere (c a number or `[B, 1]` per row), detached fp32; callers where-mask it."""
     return kl_coef * (_fp(sampler_logprobs_B_T.detach()) - _fp(teacher_logprobs_B_T.detach()))
 
 
 def reverse_kl_advantages(sampler_logprobs_B_T: Tensor, teacher_logprobs_B_T: Tensor, loss_mask_B_T: Tensor,
-                          kl_coef: float = 1.0, discount: float = 0.0) -> Tensor:
+                          kl_coef: float | Tensor = 1.0, discount: float = 0.0) -> Tensor:
     """Per-token OPD advantage `A_t = -c · m_t · (p_t - q_t)` (Thinking Machines, "On-Policy Distillation").
 
     With `discount = γ > 0`: `A_t = Σ_{s >= t, m_s = 1} γ^(s-t) · (-c (p_s - q_s))`, the discounted

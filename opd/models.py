@@ -19,6 +19,8 @@ from opd.lora import apply_lora
 from opd.precision import checkpoint_dtype, set_compute_dtype, torch_dtype
 from opd.teacher import REMOTE_BACKENDS
 from opd.teacher.hf import freeze
+from opd.teacher.routed import Teachers
+from opd.teachers import teacher_specs
 from opd.tokenization import check_tokenizers_compatible, stop_token_ids
 
 log = logging.getLogger(__name__)
@@ -116,28 +118,65 @@ def load_tokenizer(path: str):
     return AutoTokenizer.from_pretrained(resolve(path))
 
 
-def load_pair(config) -> tuple[torch.nn.Module, torch.nn.Module, object, object]:
-    """(frozen teacher, trainable student, student tokenizer, teacher tokenizer).
+def load_teachers(config, tokenizer=None) -> Teachers:
+    """The run's teachers by route name (opd/teachers.py), each checked against the student's `tokenizer`.
 
-    A teacher that runs elsewhere (teacher_backend=vllm|served, #18) is its config only: no weights load here.
-    The student's weights are fp32 whatever `config.dtype` (the compute precision, opd/precision.py);
-    the frozen teacher's are `teacher_dtype`. Each model's generation config is given the run's whole
-    stop set, so every engine built on it, and the saved `final/`, stop on the same ids.
+    A teacher that runs elsewhere (backend vllm|served) is its config only: no weights load here. One
+    folder named by several routes with the same backend, dtype and device is loaded once. Each in-process
+    teacher's generation config is given the run's whole stop set, as the student's.
     """
-    tokenizer, teacher_tokenizer = load_tokenizer(config.student), load_tokenizer(config.teacher)
-    check_tokenizers_compatible(teacher_tokenizer, tokenizer)
-    if config.teacher_backend in REMOTE_BACKENDS:
-        teacher = AutoConfig.from_pretrained(resolve(config.teacher))
-    else:
-        teacher = freeze(load_model(config.teacher, config.teacher_dtype or config.dtype, config.device,
-                                    compute_dtype=config.dtype, name="teacher"))
+    specs, loaded, models, tokenizers = teacher_specs(config), {}, {}, {}
+    for name, spec in specs.items():
+        label = "teacher" if len(specs) == 1 else f"teacher {name!r}"
+        dtype = spec.dtype or config.dtype
+        key = (str(resolve(spec.path).resolve()), spec.backend in REMOTE_BACKENDS, dtype, spec.device)
+        if key not in loaded:
+            teacher_tokenizer = load_tokenizer(spec.path)
+            if tokenizer is not None:
+                check_compatible(teacher_tokenizer, tokenizer, label if len(specs) > 1 else None)
+            if spec.backend in REMOTE_BACKENDS:
+                teacher = AutoConfig.from_pretrained(resolve(spec.path))
+            else:
+                teacher = freeze(load_model(spec.path, dtype, spec.device, compute_dtype=config.dtype, name=label))
+                teacher.generation_config.eos_token_id = list(stop_token_ids(
+                    teacher_tokenizer, teacher.generation_config, config.stop_token_ids))
+            loaded[key] = teacher, teacher_tokenizer
+        models[name], tokenizers[name] = loaded[key]
+    return Teachers(specs, models, tokenizers)
+
+
+def check_compatible(teacher_tokenizer, tokenizer, label: str | None) -> None:
+    """`check_tokenizers_compatible`, its error naming the teacher (`label`) when the run has several."""
+    try:
+        check_tokenizers_compatible(teacher_tokenizer, tokenizer)
+    except ValueError as e:
+        if label is None:
+            raise
+        raise ValueError(f"{label}: {e}") from None
+
+
+def load_student(config, tokenizer) -> torch.nn.Module:
+    """The trainable student: fp32 weights whatever `config.dtype` (the compute precision, opd/precision.py),
+    the run's stop set in its generation config, gradient checkpointing and a LoRA adapter when asked."""
     student = load_model(config.student, "float32", config.device, compute_dtype=config.dtype, name="student")
-    for model, tok in ((teacher, teacher_tokenizer), (student, tokenizer)):
-        if isinstance(model, torch.nn.Module):
-            model.generation_config.eos_token_id = list(stop_token_ids(tok, model.generation_config,
-                                                                       config.stop_token_ids))
+    student.generation_config.eos_token_id = list(stop_token_ids(tokenizer, student.generation_config,
+                                                                 config.stop_token_ids))
     if config.gradient_checkpointing:  # non-reentrant: works with frozen inputs and under autocast
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     student = apply_lora(student, config.lora_rank, config.lora_alpha, config.lora_targets)
     student.train()
+    return student
+
+
+def load_models(config) -> tuple[Teachers, torch.nn.Module, object]:
+    """(the teachers, the trainable student, the student's tokenizer): every tokenizer checked before any weight loads."""
+    tokenizer = load_tokenizer(config.student)
+    teachers = load_teachers(config, tokenizer)
+    return teachers, load_student(config, tokenizer), tokenizer
+
+
+def load_pair(config) -> tuple[torch.nn.Module, torch.nn.Module, object, object]:
+    """(frozen teacher, trainable student, student tokenizer, teacher tokenizer) of a one-teacher run."""
+    teachers, student, tokenizer = load_models(config)
+    teacher, teacher_tokenizer = teachers.only()
     return teacher, student, tokenizer, teacher_tokenizer

@@ -78,8 +78,9 @@ def reverse_kl_micro_loss(student: torch.nn.Module, micro: Batch, config: TrainC
     student_logprobs_B_T = sampled_token_logprobs(student, micro, config, vocab_size)
     advantages_B_T = micro.advantages_B_T  # task (GRPO) advantages; None for pure OPD
     if micro.teacher_logprobs_B_T is not None:  # None only for pure GRPO (teacher_backend=none)
+        kl_coef = config.kl_coef if micro.kl_coef_B is None else micro.kl_coef_B[:, None]  # c of each row's teacher
         opd_B_T = reverse_kl_advantages(micro.sampler_logprobs_B_T, micro.teacher_logprobs_B_T, micro.loss_mask_B_T,
-                                        kl_coef=config.kl_coef, discount=config.discount)
+                                        kl_coef=kl_coef, discount=config.discount)
         # OPD + task reward: Â = A_task − λ·m·(p − q), before any normalization
         advantages_B_T = opd_B_T if advantages_B_T is None else advantages_B_T + opd_B_T
     loss_mask_B_T, opsm_metrics = micro.loss_mask_B_T, {}

@@ -26,6 +26,8 @@ def eval_table(step: int, record: dict) -> str:
     """One evaluation of a training run as an aligned table: a row per metric, a column per row set
     (`eval/*` held-out, `eval_train/*` the training rows when the run evaluates them)."""
     columns = [(prefix, title) for prefix, title in PREFIXES if any(k.startswith(prefix) for k in record)]
+    teachers = dict.fromkeys(k.split("/")[1] for k in record if k.startswith("eval/") and k.count("/") == 2)
+    columns[1:1] = [(f"eval/{name}/", f"  {name}") for name in teachers]  # several teachers: one column each
     lines = [f"{f'evaluation at step {step}':<32}" + "".join(f"{title:>15}" for _, title in columns)]
     for name, label, fmt in EVAL_ROWS:
         cells = [fmt.format(record[p + name]) if p + name in record else "-" for p, _ in columns]
@@ -82,7 +84,9 @@ def summarize(records: list[dict]) -> str:
     rows = []
     if evals:
         first, last = evals[0], evals[-1]
-        keys = [f"{prefix}/{name}" for prefix in ("eval", "eval_train") for name in BEFORE_AFTER_EVAL]
+        teachers = dict.fromkeys(k.split("/")[1] for k in first if k.startswith("eval/") and k.count("/") == 2)
+        prefixes = ("eval", *(f"eval/{t}" for t in teachers), "eval_train")  # several teachers: each one's rows
+        keys = [f"{prefix}/{name}" for prefix in prefixes for name in BEFORE_AFTER_EVAL]
         rows += [(k, f"step {first['step']}", first[k], f"step {last['step']}", last[k])
                  for k in keys if k in first and k in last]
     if steps:

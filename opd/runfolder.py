@@ -43,6 +43,10 @@ def training_fields(config_dict: dict) -> dict:
 
     defaults = {f.name: getattr(TrainConfig(), f.name) for f in fields(TrainConfig)}
     relevant = {name: config_dict.get(name, default) for name, default in defaults.items() if name not in NOT_TRAINING}
+    if relevant["teachers"]:  # a teacher's address or device is where it runs, as teacher_url and device
+        relevant["teachers"] = {name: ({k: v for k, v in entry.items() if k not in ("url", "device")}
+                                       if isinstance(entry, dict) else entry)
+                                for name, entry in relevant["teachers"].items()}
     if relevant["loss_temperature"] is None:  # recorded before it was resolved on construction: it meant τ
         relevant["loss_temperature"] = relevant["temperature"]
     return relevant
@@ -145,6 +149,7 @@ def pick_checkpoint(path: Path, config) -> Path | None:
         if (reason := checkpoint.verify(candidate)) is None:
             saved = json.loads((candidate / "config.json").read_text())
             check_same_run(candidate, saved, config)
+            check_same_teachers(candidate, config)
             check_steps(candidate, checkpoint.step_of(candidate), saved, config)
             return candidate
         aside = _free_name(candidate.with_name(candidate.name + ".damaged"))
@@ -173,6 +178,23 @@ def check_same_run(source: Path, saved: dict, config) -> None:
                          f"out_dir")
     for name, (a, b) in changed.items():
         log.info("resume: %s changed %r -> %r (allowed by resume_allow_changed)", name, a, b)
+
+
+def check_same_teachers(source: Path, config) -> None:
+    """Refuse a checkpoint scored by other teachers: its `teachers.json` (names, paths, config hashes) must equal
+    the run's now, unless `resume_allow_changed=teachers`. A checkpoint from before #22 has none: not compared."""
+    from opd.models import resolve
+    from opd.teachers import manifest, teacher_specs
+
+    recorded = source / checkpoint.TEACHERS_FILE
+    if not recorded.is_file() or "teachers" in allowed_changes(config):
+        return
+    old, new = json.loads(recorded.read_text()), manifest(teacher_specs(config), resolve)
+    if old != new:
+        name = next((n for n in sorted(old.keys() | new.keys()) if old.get(n) != new.get(n)))
+        raise ValueError(f"resume=true: {source} was trained against other teachers: teacher {name!r} "
+                         f"{old.get(name)} -> {new.get(name)}; resume with the teachers it was trained against, "
+                         f"accept the change with resume_allow_changed=teachers, or start a fresh run in another out_dir")
 
 
 def check_steps(source: Path, step: int, saved: dict, config) -> None:

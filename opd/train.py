@@ -22,17 +22,18 @@ from opd import checkpoint, distributed, runfolder
 from opd.batch import collate
 from opd.config import TrainConfig, check_offpolicy_config
 from opd.data import load_data, resolve_steps
-from opd.evaluate import Evaluator
+from opd.evaluate import make_evaluator
 from opd.logprobs import masked_mean
 from opd.losses import grpo_advantages
 from opd.objectives import make_objective, teacher_scores
 from opd.metrics import MetricsWriter
-from opd.models import load_pair, save_dtype
+from opd.models import load_models, resolve, save_dtype
 from opd.offpolicy import OwnScores
-from opd.rewards import make_reward, reward_name
 from opd.sampler import Sampler, make_sampler
 from opd.support import warn_untested
 from opd.teacher import make_teacher_scorer
+from opd.teacher.routed import RoutedScorer, ShareWatch, Teachers, teacher_metrics
+from opd.teachers import manifest, route_of
 from opd.tokenization import pad_id
 from opd.types import Batch, Rollout
 from opd.validate import validate_setup
@@ -49,19 +50,19 @@ def train(config: TrainConfig) -> Path:
     run = runfolder.open_run(config, d)  # the lock, and a fresh, overwritten or resumed run: before any model loads
     torch.manual_seed(config.seed)
     warn_untested(config)
-    teacher, student, tokenizer, teacher_tokenizer = load_pair(config)
+    teachers, student, tokenizer = load_models(config)
     shard_student(student, config, d)
-    validate_setup(config.task, data.train[:1], teacher, student, teacher_tokenizer, tokenizer)  # rows: load_data
-    sampler = make_sampler(config, data, teacher, student, tokenizer, teacher_tokenizer)
-    scorer = make_scorer(config, teacher, teacher_tokenizer)
+    validate_setup_teachers(config, data, teachers, student, tokenizer)
+    sampler = make_sampler(config, data, teachers, student, tokenizer)
+    scorers = make_scorers(config, teachers)
+    scorer = RoutedScorer(scorers) if config.loss != "cross_entropy" else OwnScores()
     optimizer, scheduler = make_optimizer(student, config)
     objective, teacher_head = make_objective(config, len(tokenizer)), getattr(scorer, "head", None)
     start_step = resume(run, student, optimizer, scheduler, sampler)
     plain_student = distributed.unsharded(student, d)  # rank 0's view for eval and saving (a collective under FSDP)
+    watch = ShareWatch(teachers.names if config.teachers else [])
     if d.main:  # only rank 0 evaluates, logs and saves
-        # a teacher that lives elsewhere is only its config here: it evaluates through its scorer (#18)
-        evaluate = make_evaluator(config, teacher if isinstance(teacher, torch.nn.Module) else scorer, tokenizer,
-                                  teacher_tokenizer, data.eval, data.train)
+        evaluate = make_evaluator(config, teachers, scorers, tokenizer, data.eval, data.train)
         writer = MetricsWriter(run.path, config, start_step)
         if start_step == 0:
             writer.log(0, evaluate(plain_student), samples=True)
@@ -71,7 +72,7 @@ def train(config: TrainConfig) -> Path:
         rollouts_PG = sampler.sample(step, d)
         t1 = time.perf_counter()
         batch = collate(rollouts_PG, teacher_scores(scorer, rollouts_PG, config), pad_id(tokenizer),
-                        advantages_B=task_advantages(rollouts_PG, config))
+                        advantages_B=task_advantages(rollouts_PG, config), kl_coef_B=kl_coefs(rollouts_PG, teachers))
         t2 = time.perf_counter()
         num_tokens = int(distributed.all_sum(batch.num_tokens, d))  # the step-global normalizer
         metrics = train_step(student, optimizer, batch, config, num_tokens, d, vocab_size=len(tokenizer),
@@ -80,7 +81,8 @@ def train(config: TrainConfig) -> Path:
         sampler.sync(student)
         t3 = time.perf_counter()
         metrics = step_metrics(metrics, batch, rollouts_PG, config, num_tokens, scheduler.get_last_lr()[0],
-                               (t0, t1, t2, t3), d)
+                               (t0, t1, t2, t3), d, teachers.names if config.teachers else ())
+        watch(step, metrics)
         last = step == config.steps
         evaluating = last or (config.eval_every and step % config.eval_every == 0)
         saving = last or (config.save_every and step % config.save_every == 0)
@@ -93,7 +95,8 @@ def train(config: TrainConfig) -> Path:
             metrics |= evaluate(plain_student)
         writer.log(step, metrics, samples=any(k.startswith("eval/") for k in metrics))
         if saving:
-            checkpoint.save(run.path, step, plain_student, tokenizer, optimizer_state, scheduler, config)
+            checkpoint.save(run.path, step, plain_student, tokenizer, optimizer_state, scheduler, config,
+                            teachers=teacher_manifest(teachers))
     if d.main:
         writer.close()
         checkpoint.save_final(run.path, plain_student, tokenizer, dtype=save_dtype(config))
@@ -119,14 +122,42 @@ def shard_student(student: torch.nn.Module, config: TrainConfig, d: distributed.
     distributed.shard_model(student)
 
 
-def make_scorer(config: TrainConfig, teacher, teacher_tokenizer):
-    """The teacher's side of the loss: its scorer, or off-policy the scores its samples came with."""
-    if config.loss == "cross_entropy":
-        return OwnScores()
-    return make_teacher_scorer(config.teacher_backend, teacher, url=config.teacher_url,
-                               name=config.teacher_model_name or config.teacher, vocab_size=len(teacher_tokenizer),
-                               tokenizer=teacher_tokenizer, seed=config.seed, dtype=config.dtype,
-                               timeout_s=config.teacher_timeout_s)
+def validate_setup_teachers(config: TrainConfig, data, teachers: Teachers, student, tokenizer) -> None:
+    """`validate_setup` for each teacher against the student, on the first training row routed to it."""
+    first = {}
+    for i in range(len(data.train)):
+        first.setdefault(route_of(data.train[i], config), data.train[i])
+        if len(first) == len(teachers.names):
+            break
+    for name in teachers.names:
+        validate_setup(config.task, [first[name]] if name in first else [], teachers.models[name], student,
+                       teachers.tokenizers[name], tokenizer)
+
+
+def make_scorers(config: TrainConfig, teachers: Teachers) -> dict:
+    """name -> its teacher's scorer (`opd.teacher.make_teacher_scorer`); routes sharing a model share its scorer."""
+    made, scorers = {}, {}
+    for name, spec in teachers.specs.items():
+        model, tok = teachers.models[name], teachers.tokenizers[name]
+        key = (id(model), spec.backend, spec.url, spec.model_name)
+        if key not in made:
+            made[key] = make_teacher_scorer(spec.backend, model, url=spec.url, name=spec.model_name or spec.path,
+                                            vocab_size=len(tok), tokenizer=tok, seed=config.seed, dtype=config.dtype,
+                                            timeout_s=spec.timeout_s)
+        scorers[name] = made[key]
+    return scorers
+
+
+def kl_coefs(rollouts: list[Rollout], teachers: Teachers) -> torch.Tensor | None:
+    """Each row's teacher's kl_coef when the teachers' differ; None when one coefficient serves every row."""
+    coefs = {name: spec.kl_coef for name, spec in teachers.specs.items()}
+    if len(set(coefs.values())) < 2:
+        return None
+    return torch.tensor([coefs[r.teacher] for r in rollouts])
+
+
+def teacher_manifest(teachers: Teachers) -> dict:
+    return manifest(teachers.specs, resolve)
 
 
 def resume(run: runfolder.RunFolder, student: torch.nn.Module, optimizer, scheduler, sampler: Sampler) -> int:
@@ -153,31 +184,6 @@ def make_optimizer(student: torch.nn.Module, config: TrainConfig):
     optimizer = torch.optim.AdamW([p for _, p in trainable], lr=config.lr, weight_decay=config.weight_decay,
                                   fused=next(student.parameters()).device.type in ("cpu", "cuda"))
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config))
-
-
-def make_evaluator(config: TrainConfig, teacher, tokenizer, teacher_tokenizer, eval_examples, examples):
-    """The run's evaluation: held-out rows, plus the first `eval_train_size` training rows when asked."""
-    reward = make_reward(reward_name(config))
-    evaluate = Evaluator(teacher, tokenizer, teacher_tokenizer, list(eval_examples), config.temperature,
-                         config.max_new_tokens, seed=config.seed, reward=reward)
-    if config.eval_train_size:
-        on_train = Evaluator(teacher, tokenizer, teacher_tokenizer, examples[: config.eval_train_size],
-                             config.temperature, config.max_new_tokens, seed=config.seed, reward=reward)
-        evaluate = with_training_rows(evaluate, on_train)
-    return evaluate
-
-
-def with_training_rows(held_out: Evaluator, training_rows: Evaluator):
-    """One evaluation: held-out metrics as `eval/*`, the training rows' as `eval_train/*` (no transcripts).
-
-    The privileged recipe judges distillation by the teacher-trace gap on the very rows it
-    trains on (as the reference run does); the held-out set shows what carries over.
-    """
-    def evaluate(student) -> dict:
-        on_train = training_rows(student)
-        on_train.pop("eval/samples", None)
-        return held_out(student) | {key.replace("eval/", "eval_train/", 1): v for key, v in on_train.items()}
-    return evaluate
 
 
 def lr_factor(step: int, config: TrainConfig) -> float:
@@ -264,11 +270,14 @@ def batch_metrics(batch: Batch, rollouts: list[Rollout], on_policy: bool = True)
 
 
 def step_metrics(metrics: dict, batch: Batch, rollouts: list[Rollout], config: TrainConfig, num_tokens: int,
-                 lr: float, times: tuple[float, float, float, float], d: distributed.Dist) -> dict[str, float]:
-    """The step's record: train_step's and the samples' metrics (token-weighted over ranks), lr and timings."""
+                 lr: float, times: tuple[float, float, float, float], d: distributed.Dist,
+                 teacher_names=()) -> dict[str, float]:
+    """The step's record: train_step's and the samples' metrics (token-weighted over ranks), lr and timings;
+    with several teachers each one's share and KL (`opd.teacher.routed.teacher_metrics`)."""
     t0, t1, t2, t3 = times
     metrics = distributed.weighted_mean_metrics(metrics | batch_metrics(batch, rollouts, config.loss != "cross_entropy"),
                                                 batch.num_tokens, d)
+    metrics |= teacher_metrics(batch, rollouts, teacher_names, lambda v: distributed.all_sum(v, d)) if teacher_names else {}
     completion_tokens = sum(len(r.completion_ids) for r in rollouts)
     return metrics | {"train/active_tokens": float(num_tokens), "train/lr": lr, "perf/generate_s": t1 - t0,
                       "perf/score_s": t2 - t1, "perf/train_s": t3 - t2, "perf/step_s": t3 - t0,

@@ -31,6 +31,7 @@ class Rollout:
     teacher_prompt_ids: list[int] = field(default_factory=list)  # empty means: same as prompt_ids
     expected_answer: str | None = None
     reward: float | None = None
+    teacher: str = "teacher"  # the name of the teacher that scores it (opd/teachers.py; "teacher" when there is one)
 
     def __post_init__(self) -> None:
         if not self.teacher_prompt_ids:
@@ -61,6 +62,7 @@ class Batch:
     prompt_lens_B: torch.Tensor  # long, tokens of each row's prompt
     completion_lens_B: torch.Tensor  # long, tokens of each row's completion (targets [P - 1, P - 1 + R))
     advantages_B_T: torch.Tensor | None = None  # task advantages (0 for pure OPD)
+    kl_coef_B: torch.Tensor | None = None  # float32, each row's teacher's kl_coef (several teachers); None: config's
     teacher_topk_ids_B_T_K: torch.Tensor | None = None  # long, 0 where masked
     teacher_topk_logprobs_B_T_K: torch.Tensor | None = None  # float32, -inf where masked
     teacher_logits_B_T_V: torch.Tensor | None = None  # only for full-vocabulary losses
@@ -72,7 +74,7 @@ class Batch:
         B, L = self.tokens_B_L.shape
         expect = {"attention_mask_B_L": (B, L), "loss_mask_B_T": (B, L - 1), "sampler_logprobs_B_T": (B, L - 1),
                   "teacher_logprobs_B_T": (B, L - 1), "prompt_index_B": (B,), "prompt_lens_B": (B,),
-                  "completion_lens_B": (B,), "advantages_B_T": (B, L - 1)}
+                  "completion_lens_B": (B,), "advantages_B_T": (B, L - 1), "kl_coef_B": (B,)}
         for name, shape in expect.items():
             value = getattr(self, name)
             if value is not None and tuple(value.shape) != shape:

@@ -15,7 +15,7 @@ def no_models(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("models were loaded before the input was checked")
 
-    monkeypatch.setattr(opd.train, "load_pair", refuse)
+    monkeypatch.setattr(opd.train, "load_models", refuse)
 
 
 def one_error_line(capsys) -> str:

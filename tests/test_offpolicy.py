@@ -67,7 +67,7 @@ def test_offpolicy_cli_stops_before_loading_models(capsys, monkeypatch):
     def no_models(*args, **kwargs):
         raise AssertionError("models were loaded before the config was checked")
 
-    monkeypatch.setattr(opd.train, "load_pair", no_models)
+    monkeypatch.setattr(opd.train, "load_models", no_models)
     assert main(["train-offpolicy", "task_reward=true"]) == 2
     assert "off-policy distillation trains by cross-entropy on teacher samples" in capsys.readouterr().err
 

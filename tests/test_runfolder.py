@@ -32,7 +32,7 @@ def no_models(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("models were loaded before the run folder was checked")
 
-    monkeypatch.setattr(opd.train, "load_pair", refuse)
+    monkeypatch.setattr(opd.train, "load_models", refuse)
 
 
 @pytest.fixture(scope="module")

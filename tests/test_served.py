@@ -6,6 +6,7 @@ weights. Faults: a late answer, a dropped connection, a wrong echo, a wrong mode
 """
 
 import gc
+import json
 import os
 import subprocess
 import sys
@@ -211,3 +212,29 @@ def test_a_remote_teachers_config_is_checked_against_its_tokenizer():
     config.vocab_size = len(tokenizer) - 1
     with pytest.raises(ValueError, match="teacher: the model has 2047 output rows but its tokenizer has 2048"):
         check_embedding_covers_tokenizer(config, tokenizer, "teacher")
+
+
+def test_one_teacher_served_and_one_in_process_in_one_run(url, tmp_path):
+    # arith rows go to the served tiny:teacher (its weights never load here), gsm8k rows to tiny:gsm8k in-process
+    rows = [{"prompt": p, "teacher": t} for p, t in (("12+7", "arith"), ("30-4", "arith"), ("6+5+1", "arith"),
+                                                     ("Tom has 3 apples and buys 4 more. How many?", "gsm8k"),
+                                                     ("A box holds 5 pens. How many in 2 boxes?", "gsm8k"))]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    seen = []
+    hook = torch.nn.modules.module.register_module_parameter_registration_hook(
+        lambda module, name, param: seen.append(tuple(param.shape)) if param is not None else None)
+    before = completions(url)
+    try:
+        run_dir = train(load_config(None, [
+            f"data={tmp_path / 'rows.jsonl'}", "eval_fraction=0", "eval_size=5", "teachers.arith.path=tiny:teacher",
+            "teachers.arith.backend=served", f"teachers.arith.url={url}", "teachers.arith.model_name=tiny-teacher",
+            "teachers.gsm8k.path=tiny:gsm8k", "steps=2", "prompts_per_step=5", "completions_per_prompt=2",
+            "max_new_tokens=6", "eval_every=0", "save_every=0", "progress=false", "device=cpu",
+            f"out_dir={tmp_path / 'run'}"]))
+    finally:
+        hook.remove()
+    assert not TEACHER_SHAPES & set(seen), "the served teacher's weights were created in the training process"
+    records = read_metrics(run_dir)
+    assert all(r["opd/arith/active_tokens"] > 0 and r["opd/gsm8k/active_tokens"] > 0 for r in records[1:])
+    assert all(f"eval/{name}/trace_gap" in records[-1] for name in ("arith", "gsm8k"))
+    assert completions(url) - before >= 2 + 3  # 2 scoring steps; step-0 eval: traces, their scores, samples

@@ -95,6 +95,6 @@ def test_bad_configs_stop_before_any_model_is_loaded(argv, message, capsys, monk
     def no_models(*args, **kwargs):
         raise AssertionError("models were loaded before the config was validated")
 
-    monkeypatch.setattr(opd.train, "load_pair", no_models)
+    monkeypatch.setattr(opd.train, "load_models", no_models)
     assert main(argv) == 2
     assert message in capsys.readouterr().err
