@@ -12,7 +12,8 @@ gradient checkpointing, the same number of steps. TRL runs `trl.DistillationTrai
 Scales: (a) the bundled tiny pair (0.69M student, 3.9M teacher, 2,048-token vocabulary); (b) a pair
 built here from `transformers` Llama configs with a 32,000-token vocabulary (23M-parameter student,
 42M teacher, random weights); (c), only with `--scales c`, a real pretrained pair: SmolLM2-135M-Instruct
-(`scripts/get-smollm2.sh`) and its 6-of-30-layer cut (`opd init-student --keep 6`). The speed runs force a fixed completion length
+(`scripts/get-smollm2.sh`) and the 20-of-30-layer cut of recipes/smollm2_distill.yaml (`opd init-student
+--keep 20 --by importance`). The speed runs force a fixed completion length
 (`min_new_tokens = max_new_tokens`) so both trainers generate, score and train on the same number of
 tokens. At scale (b) opd trains each step in micro-batches of 4 sequences (`micro`): the same
 gradient, since every micro-loss divides by the step's token count (docs/design.md §4), with a quarter of
@@ -54,7 +55,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 SCALE_B_DIR = RESULTS / "models" / "scale_b"
 SCALE_C_TEACHER = ROOT / "models" / "smollm2-135m-instruct"  # ./scripts/get-smollm2.sh
-SCALE_C_STUDENT = RESULTS / "models" / "scale_c" / "student"  # its even 6-of-30-layer cut, made on first use
+SCALE_C_STUDENT = ROOT / "models" / "smollm2-cut20-imp"  # the recipe's 20-of-30 importance cut, made on first use
 TRAINERS = ("trl", "opd_jsd", "opd")
 SEED = 0
 
@@ -63,7 +64,7 @@ SCALES = {
     "a": dict(teacher="tiny:teacher", student="tiny:student", P=32, G=4, N=40, steps=6, lr=1e-3, fixed=True),
     "b": dict(teacher=str(SCALE_B_DIR / "teacher"), student=str(SCALE_B_DIR / "student"), P=4, G=4, N=64, steps=4,
               lr=1e-4, fixed=True, micro=4),
-    # (c), #21: a real pretrained pair, SmolLM2-135M-Instruct -> its 6-layer cut (49.6M), 49,152-token vocabulary
+    # (c), #21: a real pretrained pair, SmolLM2-135M-Instruct -> its 20-layer importance cut (99.1M), 49,152 tokens
     "c": dict(teacher=str(SCALE_C_TEACHER), student=str(SCALE_C_STUDENT), P=4, G=4, N=64, steps=4, lr=1e-4,
               fixed=True, micro=4),
     "quality": dict(teacher="tiny:teacher", student="tiny:student", P=16, G=4, N=40, steps=40, lr=1e-3, fixed=False),
@@ -106,14 +107,14 @@ def build_scale_b() -> None:
 
 
 def build_scale_c() -> None:
-    """Scale (c)'s student: the converted SmolLM2's 6 evenly spread layers (`opd init-student --keep 6`)."""
+    """Scale (c)'s student: recipes/smollm2_distill.yaml's (`opd init-student --keep 20 --by importance`)."""
     if (SCALE_C_STUDENT / "model.safetensors").is_file():
         return
     if not (SCALE_C_TEACHER / "model.safetensors").is_file():
         raise SystemExit(f"scale c needs {SCALE_C_TEACHER}: run ./scripts/get-smollm2.sh first")
     from opd.prune import init_student
 
-    report = init_student(str(SCALE_C_TEACHER), SCALE_C_STUDENT, keep=6)
+    report = init_student(str(SCALE_C_TEACHER), SCALE_C_STUDENT, keep=20, by="importance")
     print(f"built scale-c student: layers {report['kept_layers']}, {report['parameters'] / 1e6:.1f}M parameters", flush=True)
 
 
@@ -314,7 +315,7 @@ def table(results: dict) -> str:
     for scale, by_trainer in results.items():
         s = SCALES_USED[scale]
         pair = {"b": "scale-b teacher (42M) -> student (23M), 32k vocab",
-                "c": "SmolLM2-135M-Instruct -> its 6-layer cut (49.6M), 49k vocab"}.get(scale, "tiny:teacher -> tiny:student")
+                "c": "SmolLM2-135M-Instruct -> its 20-layer importance cut (99.1M), 49k vocab"}.get(scale, "tiny:teacher -> tiny:student")
         lines.append(f"\nscale {'a, quality' if scale == 'quality' else scale}: {pair}, {s['P']} prompts x {s['G']} = "
                      f"{s['P'] * s['G']} sequences/step, {'exactly' if s['fixed'] else 'up to'} {s['N']} tokens, "
                      f"{s['steps']} steps (medians of {len(by_trainer['trl']['runs'])} runs)"
@@ -432,7 +433,8 @@ def main() -> None:
                          "python": platform.python_version()},
             "cpus": os.cpu_count(), "threads": args.threads, "loadavg_end": os.getloadavg(), "quick": args.quick,
             "repeats": args.repeats, "quality_repeats": args.quality_repeats, "scales": SCALES_USED}
-    out = RESULTS / "bench_vs_trl.json"
+    # the default scales write bench_vs_trl.json; another subset its own file, so `--scales c` keeps a and b's
+    out = RESULTS / ("bench_vs_trl.json" if args.scales == "a,b,quality" else f"bench_vs_trl_{'_'.join(scales)}.json")
     out.write_text(json.dumps({"meta": meta, "parity": parity, "results": results, "raw": raw, "table": text}, indent=1))
     print(f"\nwrote {out}")
 
