@@ -126,7 +126,8 @@ def validate_setup_teachers(config: TrainConfig, data, teachers: Teachers, stude
     """`validate_setup` for each teacher against the student, on the first training row routed to it."""
     first = {}
     for i in range(len(data.train)):
-        first.setdefault(route_of(data.train[i], config), data.train[i])
+        example = data.train[i]  # a row of a big file is converted when indexed: once here, not twice
+        first.setdefault(route_of(example, config), example)
         if len(first) == len(teachers.names):
             break
     for name in teachers.names:
