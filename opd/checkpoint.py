@@ -40,9 +40,10 @@ def _fsync_dir(path: Path) -> None:
 
 
 def save(run_dir: Path, step: int, student, tokenizer, optimizer_state: dict, scheduler, config,
-         teachers: dict | None = None) -> Path:
+         teachers: dict | None = None, self_teacher=None) -> Path:
     """`optimizer_state`: the full, name-keyed state of `distributed.optimizer_state` (the same with or without FSDP).
     `teachers`: the teacher manifest (`opd.teachers.manifest`), written as `teachers.json`; resume compares it.
+    `self_teacher`: a `teacher=self` run's `opd.self_teacher.SelfTeacher`, whose snapshot or EMA weights are saved.
 
     Checks free space first; a failed write removes its own `.tmp` and leaves every earlier
     checkpoint as it was. Then keeps the newest `config.keep_last` checkpoints (0 = all).
@@ -63,6 +64,8 @@ def save(run_dir: Path, step: int, student, tokenizer, optimizer_state: dict, sc
         (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
         if teachers is not None:
             (tmp / TEACHERS_FILE).write_text(json.dumps(teachers, indent=2, sort_keys=True) + "\n")
+        if self_teacher is not None:
+            self_teacher.save(tmp)
         write_manifest(tmp, step)
     except BaseException as e:
         written, free = checkpoint_size(tmp), shutil.disk_usage(final.parent).free

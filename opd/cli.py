@@ -204,6 +204,10 @@ COMMANDS = {
     "build-tiny-gsm8k": Command("rebuild tiny:gsm8k, the model of the GSM8K recipe", bundled.build_gsm8k_arguments,
                                 bundled.build_gsm8k_command, "Train and save tiny:gsm8k, teacher and student of "
                                 "recipes/gsm8k_privileged.yaml, from a seed (about 25 minutes on 2 CPU cores)."),
+    "build-tiny-arith-self": Command("rebuild tiny:arith_self, the model of the self-distillation recipe",
+                                     bundled.build_arith_self_arguments, bundled.build_arith_self_command,
+                                     "Fine-tune tiny:student into tiny:arith_self, teacher (under the privileged "
+                                     "prompt) and student of recipes/arithmetic_self.yaml, from a seed."),
 }
 
 

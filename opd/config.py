@@ -13,17 +13,17 @@ from typing import Any
 
 from opd.precision import check_device
 from opd.rollout import Sampling
-from opd.teachers import check_teachers
+from opd.teachers import SELF, check_self_teacher, check_teachers
 from opd.vllm_setup import check_temperature
 
 LOSSES = ("reverse_kl", "topk_kl", "jsd", "cross_entropy")  # cross_entropy: off-policy, the teacher samples
 SCHEDULES = ("constant", "cosine", "linear")
-TASKS = ("arithmetic", "gsm8k", "gsm8k_privileged")
+TASKS = ("arithmetic", "arithmetic_privileged", "gsm8k", "gsm8k_privileged")
 BACKENDS = ("hf", "vllm")
 TEACHER_BACKENDS = ("hf", "vllm", "served", "none")
 DTYPES = ("float32", "bfloat16")
 SAVE_DTYPES = ("float32", "bfloat16", "float16")
-TINY_ALIASES = ("tiny:teacher", "tiny:student", "tiny:gsm8k")
+TINY_ALIASES = ("tiny:teacher", "tiny:student", "tiny:gsm8k", "tiny:arith_self")
 # Fields that only act when the student samples (on-policy), and their defaults: an off-policy run
 # (loss=cross_entropy, `opd train-offpolicy`) would ignore them, so it refuses them (check_offpolicy_config).
 ON_POLICY_ONLY = {"loss": "reverse_kl", "kl_coef": 1.0, "discount": 0.0, "task_reward": False, "opsm_delta": None,
@@ -33,7 +33,7 @@ ON_POLICY_ONLY = {"loss": "reverse_kl", "kl_coef": 1.0, "discount": 0.0, "task_r
 @dataclass(frozen=True)
 class TrainConfig:
     # models: a local Hugging Face folder, or the bundled "tiny:teacher" / "tiny:student" / "tiny:gsm8k"
-    teacher: str = "tiny:teacher"  # frozen teacher checkpoint
+    teacher: str = "tiny:teacher"  # frozen teacher checkpoint, or "self": the student under the teacher prompt (#24)
     student: str = "tiny:student"  # student checkpoint to train
     # task
     task: str = "arithmetic"  # one of TASKS (a built-in prompt source; `data` replaces it)
@@ -69,6 +69,10 @@ class TrainConfig:
     teachers: dict[str, Any] | None = None  # replaces `teacher`; rows pick one by their teacher/teacher_id/data_source
     default_teacher: str | None = None  # the teacher of rows that name none
     teacher_mix: dict[str, float] | None = None  # prompts per step by teacher, as weights (default: as drawn)
+    # the student as its own teacher (#24, opd/self_teacher.py): teacher=self, scored under the teacher prompt
+    self_teacher: str = "frozen"  # frozen (a step-0 copy) | snapshot (re-copied every self_teacher_every steps) | ema | live
+    self_teacher_every: int = 10  # snapshot: optimizer steps between copies
+    self_teacher_ema: float = 0.99  # ema: the decay d of θ_T ← d·θ_T + (1 - d)·θ_S after every optimizer step
     # loss
     loss: str = "reverse_kl"  # sampled-token reverse KL (IS policy gradient), "topk_kl", "jsd"; "cross_entropy" = off-policy
     kl_coef: float = 1.0  # c (pure OPD) or λ (OPD + task reward) on the per-token reverse-KL advantage
@@ -204,7 +208,8 @@ class TrainConfig:
         if self.lora_rank and self.fsdp:
             raise ValueError("lora_rank > 0 with fsdp=true is not implemented; an adapter is small: use fsdp=false")
         check_teachers(self)
-        for name in ("student",) if self.teachers else ("teacher", "student"):
+        check_self_teacher(self)
+        for name in ("student",) if self.teachers or self.teacher == SELF else ("teacher", "student"):
             path = getattr(self, name)
             if path not in TINY_ALIASES and not (Path(path) / "config.json").is_file():
                 raise ValueError(f"{name}={path!r} is not a model folder (no config.json there); give a local Hugging "

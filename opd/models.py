@@ -9,6 +9,7 @@ finite weights, and a tiny train-mode forward, run twice, that gives finite and 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -20,7 +21,8 @@ from opd.precision import checkpoint_dtype, set_compute_dtype, torch_dtype
 from opd.teacher import REMOTE_BACKENDS
 from opd.teacher.hf import freeze
 from opd.teacher.routed import Teachers
-from opd.teachers import teacher_specs
+from opd.self_teacher import make_self_teacher
+from opd.teachers import SELF, teacher_specs, uses_self
 from opd.tokenization import check_tokenizers_compatible, stop_token_ids
 
 log = logging.getLogger(__name__)
@@ -127,6 +129,9 @@ def load_teachers(config, tokenizer=None) -> Teachers:
     """
     specs, loaded, models, tokenizers = teacher_specs(config), {}, {}, {}
     for name, spec in specs.items():
+        if spec.path == SELF:  # the student itself: `load_models` fills it in once the student is loaded
+            models[name], tokenizers[name] = None, tokenizer
+            continue
         label = "teacher" if len(specs) == 1 else f"teacher {name!r}"
         dtype = spec.dtype or config.dtype
         key = (str(resolve(spec.path).resolve()), spec.backend in REMOTE_BACKENDS, dtype, spec.device)
@@ -169,10 +174,19 @@ def load_student(config, tokenizer) -> torch.nn.Module:
 
 
 def load_models(config) -> tuple[Teachers, torch.nn.Module, object]:
-    """(the teachers, the trainable student, the student's tokenizer): every tokenizer checked before any weight loads."""
+    """(the teachers, the trainable student, the student's tokenizer): every tokenizer checked before any weight loads.
+
+    A `teacher=self` route gets the student's `SelfTeacher` (opd/self_teacher.py): a copy of the student
+    as loaded, or the student itself (`self_teacher=live`); no second model is read from disk.
+    """
     tokenizer = load_tokenizer(config.student)
     teachers = load_teachers(config, tokenizer)
-    return teachers, load_student(config, tokenizer), tokenizer
+    student = load_student(config, tokenizer)
+    if uses_self(config):
+        own = make_self_teacher(config, student)
+        models = {name: own.model if spec.path == SELF else teachers.models[name] for name, spec in teachers.specs.items()}
+        teachers = dataclasses.replace(teachers, models=models, own=own)
+    return teachers, student, tokenizer
 
 
 def load_pair(config) -> tuple[torch.nn.Module, torch.nn.Module, object, object]:

@@ -18,6 +18,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 SINGLE = "teacher"  # the name of the one teacher of a run without `teachers:`
+SELF = "self"  # the path of a teacher that is the student itself (#24, opd/self_teacher.py)
+SELF_TEACHER_MODES = ("frozen", "snapshot", "ema", "live")
 NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")  # a route name becomes a metric key: opd/<name>/...
 
 
@@ -97,7 +99,7 @@ def check_teachers(config) -> None:
                              f"has none: remove it, or give the teacher more prompts with teacher_mix:")
         if s.timeout_s <= 0:
             raise ValueError(f"{where}.timeout_s must be > 0, got {s.timeout_s}")
-        if not (s.path.startswith("tiny:") or (Path(s.path) / "config.json").is_file()):
+        if not (s.path == SELF or s.path.startswith("tiny:") or (Path(s.path) / "config.json").is_file()):
             raise ValueError(f"{where}.path={s.path!r} is not a model folder (no config.json there); give a local "
                              f"Hugging Face folder or tiny:NAME")
     scored_at = {config.temperature} | ({config.loss_temperature} if config.loss == "topk_kl" else set())
@@ -117,6 +119,43 @@ def check_teachers(config) -> None:
                 raise ValueError(f"teacher_mix.{name} must be a weight >= 0, got {w!r}")
         if not sum(config.teacher_mix.values()) > 0:
             raise ValueError("teacher_mix: the weights sum to 0; give at least one teacher a weight > 0")
+
+
+def uses_self(config) -> bool:
+    """Whether a teacher of the run is the student itself (`teacher=self`, or `path: self` in `teachers:`)."""
+    return any(s.path == SELF for s in teacher_specs(config).values())
+
+
+def check_self_teacher(config) -> None:
+    """Raise ValueError naming the field and the fix for a bad `teacher=self` setting; no model is read."""
+    if config.self_teacher not in SELF_TEACHER_MODES:
+        raise ValueError(f"self_teacher={config.self_teacher!r} is not accepted; choose one of "
+                         f"{', '.join(SELF_TEACHER_MODES)}")
+    if not uses_self(config):
+        defaults = {f.name: f.default for f in fields(config) if f.name.startswith("self_teacher")}
+        if changed := [k for k, v in defaults.items() if getattr(config, k) != v]:
+            raise ValueError(f"{changed[0]} only acts with teacher=self (the student as its own teacher); set "
+                             f"teacher=self or remove {changed[0]}")
+        return
+    selfs = [s for s in teacher_specs(config).values() if s.path == SELF]
+    if any(s.backend != "hf" for s in selfs) or config.teacher_backend == "none":
+        raise ValueError("teacher=self scores with the student's own weights in this process: it needs "
+                         "teacher_backend=hf (a vllm or served teacher is another model)")
+    if config.fsdp:
+        raise ValueError("teacher=self with fsdp=true is not implemented (the copy of a sharded student); use fsdp=false")
+    if config.self_teacher == "snapshot" and not (isinstance(config.self_teacher_every, int)
+                                                  and config.self_teacher_every >= 1):
+        raise ValueError(f"self_teacher_every must be an integer >= 1 (optimizer steps between snapshots), got "
+                         f"{config.self_teacher_every}")
+    if config.self_teacher == "ema" and not 0.0 < config.self_teacher_ema < 1.0:
+        raise ValueError(f"self_teacher_ema must be in (0, 1) (the decay of θ_T ← d·θ_T + (1 - d)·θ_S), got "
+                         f"{config.self_teacher_ema}")
+    dtypes = {s.dtype for s in selfs} - {None, "float32"}
+    if dtypes and config.self_teacher in ("ema", "live"):
+        raise ValueError(f"teacher_dtype={dtypes.pop()} with self_teacher={config.self_teacher}: "
+                         + ("an EMA in bf16 loses every update below bf16's resolution; keep the teacher float32"
+                            if config.self_teacher == "ema" else "the live teacher is the student's fp32 weights; "
+                            "remove teacher_dtype"))
 
 
 def route_of(example, config) -> str:
@@ -161,6 +200,9 @@ def manifest(specs: dict[str, TeacherSpec], resolve) -> dict[str, dict]:
     to its folder (`opd.models.resolve`). Resume refuses a changed manifest (opd/runfolder.py)."""
     out = {}
     for name, s in specs.items():
+        if s.path == SELF:  # the student's own weights: the run's `student` and `self_teacher` fields cover it
+            out[name] = {"path": SELF, "backend": s.backend, "dtype": s.dtype, "config_sha256": None}
+            continue
         config_json = Path(resolve(s.path)) / "config.json"
         digest = hashlib.sha256(config_json.read_bytes()).hexdigest()[:16] if config_json.is_file() else None
         out[name] = {"path": s.path, "backend": s.backend, "dtype": s.dtype, "config_sha256": digest}

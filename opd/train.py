@@ -58,7 +58,7 @@ def train(config: TrainConfig) -> Path:
     scorer = RoutedScorer(scorers) if config.loss != "cross_entropy" else OwnScores()
     optimizer, scheduler = make_optimizer(student, config)
     objective, teacher_head = make_objective(config, len(tokenizer)), getattr(scorer, "head", None)
-    start_step = resume(run, student, optimizer, scheduler, sampler)
+    start_step = resume(run, student, optimizer, scheduler, sampler, teachers.own)
     plain_student = distributed.unsharded(student, d)  # rank 0's view for eval and saving (a collective under FSDP)
     watch = ShareWatch(teachers.names if config.teachers else [])
     if d.main:  # only rank 0 evaluates, logs and saves
@@ -78,6 +78,8 @@ def train(config: TrainConfig) -> Path:
         metrics = train_step(student, optimizer, batch, config, num_tokens, d, vocab_size=len(tokenizer),
                              objective=objective, teacher_head=teacher_head)
         scheduler.step()
+        if teachers.own is not None:  # teacher=self: a snapshot or EMA teacher follows the student
+            teachers.own.update(step)
         sampler.sync(student)
         t3 = time.perf_counter()
         metrics = step_metrics(metrics, batch, rollouts_PG, config, num_tokens, scheduler.get_last_lr()[0],
@@ -96,7 +98,7 @@ def train(config: TrainConfig) -> Path:
         writer.log(step, metrics, samples=any(k.startswith("eval/") for k in metrics))
         if saving:
             checkpoint.save(run.path, step, plain_student, tokenizer, optimizer_state, scheduler, config,
-                            teachers=teacher_manifest(teachers))
+                            teachers=teacher_manifest(teachers), self_teacher=teachers.own)
     if d.main:
         writer.close()
         checkpoint.save_final(run.path, plain_student, tokenizer, dtype=save_dtype(config))
@@ -138,13 +140,14 @@ def validate_setup_teachers(config: TrainConfig, data, teachers: Teachers, stude
 def make_scorers(config: TrainConfig, teachers: Teachers) -> dict:
     """name -> its teacher's scorer (`opd.teacher.make_teacher_scorer`); routes sharing a model share its scorer."""
     made, scorers = {}, {}
+    live = teachers.own.model if teachers.own is not None and not teachers.own.copies else None
     for name, spec in teachers.specs.items():
         model, tok = teachers.models[name], teachers.tokenizers[name]
         key = (id(model), spec.backend, spec.url, spec.model_name)
-        if key not in made:
+        if key not in made:  # the live self-teacher is the student: scored as it is, not frozen
             made[key] = make_teacher_scorer(spec.backend, model, url=spec.url, name=spec.model_name or spec.path,
                                             vocab_size=len(tok), tokenizer=tok, seed=config.seed, dtype=config.dtype,
-                                            timeout_s=spec.timeout_s)
+                                            timeout_s=spec.timeout_s, freeze_model=model is not live)
         scorers[name] = made[key]
     return scorers
 
@@ -161,11 +164,15 @@ def teacher_manifest(teachers: Teachers) -> dict:
     return manifest(teachers.specs, resolve)
 
 
-def resume(run: runfolder.RunFolder, student: torch.nn.Module, optimizer, scheduler, sampler: Sampler) -> int:
-    """The step the run's checkpoint reached (0 for a fresh run), its weights loaded into student and sampler."""
+def resume(run: runfolder.RunFolder, student: torch.nn.Module, optimizer, scheduler, sampler: Sampler,
+           self_teacher=None) -> int:
+    """The step the run's checkpoint reached (0 for a fresh run), its weights loaded into student and sampler
+    (and a snapshot or EMA `self_teacher`'s into it; a frozen one was copied from the student before this)."""
     if run.checkpoint is None:
         return 0
     start_step = checkpoint.load(run.checkpoint, student, optimizer, scheduler)
+    if self_teacher is not None:
+        self_teacher.load(run.checkpoint)
     sampler.sync(student)
     return start_step
 

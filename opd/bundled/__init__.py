@@ -2,6 +2,7 @@
 
 `tiny.py` trains the bundled tokenizer, `tiny:teacher` and `tiny:student` (`opd build-tiny`);
 `gsm8k.py` trains `tiny:gsm8k`, the privileged GSM8K recipe's model (`opd build-tiny-gsm8k`).
+`arith_self.py` fine-tunes `tiny:arith_self`, the privileged arithmetic recipe's model (`opd build-tiny-arith-self`).
 The trained folders are committed under `opd/assets/tiny/`, where `opd.models.resolve` finds
 `tiny:NAME`; a run only loads them, as it loads any checkpoint.
 
@@ -51,3 +52,21 @@ def build_gsm8k_command(args: argparse.Namespace) -> None:
     print(f"{report['parameters']:,} parameters, {report['train_seconds']:.0f}s; on the recipe's {rows['n']} "
           f"rows: teacher NLL on its own greedy trace {rows['teacher_nll_on_own_greedy_trace']:.3f}, "
           f"teacher-trace gap {rows['step0_eval']['eval/trace_gap']:.3f}")
+
+
+def build_arith_self_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", metavar="DIR", help="output folder (default: opd/assets/tiny/arith_self, the bundled model)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the data")
+    p.add_argument("--steps", type=int, metavar="N", help="cap on the fine-tuning steps (default: the spec's 1,500)")
+
+
+def build_arith_self_command(args: argparse.Namespace) -> None:
+    from dataclasses import replace
+
+    from opd.bundled.arith_self import ARITH_SELF_DIR, SPEC, build_arith_self
+
+    spec = replace(SPEC, max_steps=args.steps) if args.steps else SPEC
+    report = build_arith_self(args.out or ARITH_SELF_DIR, seed=args.seed, spec=spec)
+    final = report["final"]
+    print(f"{report['parameters']:,} parameters, {report['train_seconds']:.0f}s, step {final['step']}: held-out "
+          f"accuracy {final['plain_accuracy']:.1%} alone, {final['privileged_accuracy']:.1%} with the solution shown")

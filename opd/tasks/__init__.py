@@ -27,11 +27,12 @@ __all__ = [
 
 def task_rows(name: str, split: str, n: int | None = None, seed: int = 0, data_dir: str | None = None) -> list[dict]:
     """The one place that maps a task name from a config to its data rows."""
-    if name == "arithmetic":
-        return arithmetic_rows(n or 1000, split=split, seed=seed)
+    if name in ("arithmetic", "arithmetic_privileged"):
+        return arithmetic_rows(n or 1000, split=split, seed=seed, privileged=name == "arithmetic_privileged")
     if name in ("gsm8k", "gsm8k_privileged"):
         return gsm8k_rows(split, n=n, data_dir=data_dir, privileged=name == "gsm8k_privileged")
-    raise ValueError(f"unknown task {name!r}; accepted: 'arithmetic', 'gsm8k', 'gsm8k_privileged'")
+    raise ValueError(f"unknown task {name!r}; accepted: 'arithmetic', 'arithmetic_privileged', 'gsm8k', "
+                     f"'gsm8k_privileged'")
 
 
 def load_task(name: str, split: str, n: int | None = None, seed: int = 0, data_dir: str | None = None) -> list[Example]:

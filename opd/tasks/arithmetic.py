@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import random
 
-from opd.tasks.base import Example
+from opd.tasks.base import Example, privileged_messages
 
 
 def _is_test_problem(problem: str) -> bool:
@@ -32,15 +32,21 @@ def make_problem(rng: random.Random, max_operand: int = 100) -> tuple[str, str, 
     return problem, "\n".join(lines), str(value)
 
 
-def arithmetic_examples(n: int, split: str = "train", seed: int = 0, max_operand: int = 100) -> list[Example]:
+def arithmetic_examples(n: int, split: str = "train", seed: int = 0, max_operand: int = 100,
+                        privileged: bool = False) -> list[Example]:
     """`n` distinct problems of one split ('train' or 'test'), deterministic in `seed`, as examples."""
     from opd.rows import example_from_row  # the one path from a row to an example (opd.rows imports this package)
 
-    return [example_from_row(row) for row in arithmetic_rows(n, split, seed, max_operand)]
+    return [example_from_row(row) for row in arithmetic_rows(n, split, seed, max_operand, privileged)]
 
 
-def arithmetic_rows(n: int, split: str = "train", seed: int = 0, max_operand: int = 100) -> list[dict]:
-    """`n` distinct problems as data rows: the worked solution is the reference (trailing assistant) turn."""
+def arithmetic_rows(n: int, split: str = "train", seed: int = 0, max_operand: int = 100,
+                    privileged: bool = False) -> list[dict]:
+    """`n` distinct problems as data rows: the worked solution is the reference (trailing assistant) turn.
+
+    `privileged`: the teacher prompt also holds the worked solution, in GSM8K's privileged format
+    (`opd.tasks.base.privileged_messages`); the student's prompt is the problem alone, as without it.
+    """
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     rng = random.Random(f"arithmetic-{split}-{seed}")
@@ -53,4 +59,6 @@ def arithmetic_rows(n: int, split: str = "train", seed: int = 0, max_operand: in
         seen.add(problem)
         examples.append({"id": f"arithmetic-{split}-{seed}-{len(examples)}", "answer": answer,
                          "messages": [{"role": "user", "content": problem}, {"role": "assistant", "content": solution}]})
+        if privileged:
+            examples[-1]["teacher_messages"] = privileged_messages(problem, solution)
     return examples

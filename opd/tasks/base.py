@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 
 FINAL_RE = re.compile(r"^\s*Final:\s*(.*?)\s*$")
+PRIVILEGED_HEADER = "[Privileged solution, hidden from the student]"
+INSTRUCTION = "Solve step by step. End with a line 'Final: <answer>'."
 _THOUSANDS_RE = re.compile(r"(?<=\d),(?=\d{3}(?:\D|$))")
 
 Messages = list[dict[str, str]]
@@ -38,6 +40,11 @@ class Example:
     @property
     def privileged(self) -> bool:
         return self.teacher_prompt != self.prompt
+
+
+def privileged_messages(question: str, solution: str) -> Messages:
+    """The privileged teacher prompt of the built-in tasks: the question, then its worked solution, marked."""
+    return [{"role": "user", "content": f"{question}\n{PRIVILEGED_HEADER}\n{solution}\n{INSTRUCTION}"}]
 
 
 def normalize_answer(text: str) -> str:

@@ -12,11 +12,10 @@ import json
 import re
 from pathlib import Path
 
-from opd.tasks.base import Example, normalize_answer
+from opd.tasks.base import INSTRUCTION, PRIVILEGED_HEADER, Example, normalize_answer, privileged_messages
 
+__all__ = ["INSTRUCTION", "PRIVILEGED_HEADER", "gsm8k_examples", "gsm8k_rows", "load_gsm8k", "split_solution"]
 DEFAULT_DATA_DIR = Path(__file__).resolve().parents[1] / "assets" / "data" / "gsm8k"  # shipped in the package (MIT)
-PRIVILEGED_HEADER = "[Privileged solution, hidden from the student]"
-INSTRUCTION = "Solve step by step. End with a line 'Final: <answer>'."
 _CALC_RE = re.compile(r"<<[^>]*>>")
 REQUIRED_FIELDS = ("question", "answer")
 
@@ -78,6 +77,5 @@ def gsm8k_rows(split: str, n: int | None = None, data_dir: str | Path | None = N
         out.append({"id": f"gsm8k-{split}-{i}", "answer": answer,
                     "messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": solution}]})
         if privileged:
-            privileged_prompt = f"{question}\n{PRIVILEGED_HEADER}\n{solution}\n{INSTRUCTION}"
-            out[-1]["teacher_messages"] = [{"role": "user", "content": privileged_prompt}]
+            out[-1]["teacher_messages"] = privileged_messages(question, solution)
     return out

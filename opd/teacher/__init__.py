@@ -82,20 +82,22 @@ class NoTeacher:
 
 def make_teacher_scorer(backend: str, model, batch_size: int = 64, url: str | None = None,
                         name: str | None = None, vocab_size: int | None = None, tokenizer=None, seed: int = 0,
-                        dtype: str | None = None, timeout_s: float = 300.0) -> TeacherScorer:
+                        dtype: str | None = None, timeout_s: float = 300.0, freeze_model: bool = True) -> TeacherScorer:
     """`model`: the frozen in-process teacher ('hf'), or for the remote backends its folder or its loaded
     config (`models.load_pair` loads no weights for them). `url`, `name`: for the served teacher, the
     `vllm serve` base URL(s) and its served model name. `vocab_size`: the teacher tokenizer's length; the
     in-process teacher forms its distributions over those ids only (a padded embedding's extra rows are
     no tokens, docs/design.md §5). `tokenizer`: the teacher's, for its greedy traces. `seed`, `dtype`: the
-    in-process vLLM engine's.
+    in-process vLLM engine's. `freeze_model`: False scores an in-process model that is trained elsewhere
+    (`teacher=self`, `self_teacher=live`) without freezing it.
     """
     if backend == "none":
         return NoTeacher()
     if backend == "hf":
         from opd.teacher.hf import HFTeacherScorer
 
-        return HFTeacherScorer(model, batch_size=batch_size, vocab_size=vocab_size, tokenizer=tokenizer)
+        return HFTeacherScorer(model, batch_size=batch_size, vocab_size=vocab_size, tokenizer=tokenizer,
+                               freeze_model=freeze_model)
     if backend == "vllm":
         from opd.teacher.vllm import VLLMTeacherScorer  # optional dependency, GPU only
 

@@ -12,6 +12,8 @@ exactly as the unpadded one (docs/design.md §5).
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 
 from opd.batch import right_pad
@@ -21,6 +23,17 @@ from opd.kernels import gathered_logprobs, teacher_topk
 from opd.logprobs import completion_mask
 from opd.teacher import TeacherScores
 from opd.types import Rollout
+
+
+@contextmanager
+def evaluating(model: torch.nn.Module):
+    """`model` in eval mode inside the block, its mode restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 def freeze(model: torch.nn.Module) -> torch.nn.Module:
@@ -106,9 +119,10 @@ class HFTeacherScorer:
         self.head = model_head(self.model, vocab_size)
 
     def score(self, rollouts: list[Rollout], temperature: float, topk: int = 0, full_logits: bool = False) -> list[TeacherScores]:
-        return score_tokens(self.model, [r.teacher_prompt_ids for r in rollouts], [r.completion_ids for r in rollouts],
-                            temperature, topk=topk, full_logits=full_logits, batch_size=self.batch_size,
-                            vocab_size=self.vocab_size, groups=[r.prompt_index for r in rollouts])
+        with evaluating(self.model):  # a borrowed model may be in train mode (its prompt cache is off there)
+            return score_tokens(self.model, [r.teacher_prompt_ids for r in rollouts], [r.completion_ids for r in rollouts],
+                                temperature, topk=topk, full_logits=full_logits, batch_size=self.batch_size,
+                                vocab_size=self.vocab_size, groups=[r.prompt_index for r in rollouts])
 
     def generate_greedy(self, prompts_P: list[list[int]], max_new_tokens: int) -> list[list[int]]:
         from opd.rollout import Sampling

@@ -31,6 +31,7 @@ class Teachers:
     specs: dict  # name -> opd.teachers.TeacherSpec
     models: dict  # name -> frozen nn.Module, or a PretrainedConfig for vllm|served
     tokenizers: dict  # name -> tokenizer
+    own: object = None  # teacher=self: the opd.self_teacher.SelfTeacher its routes score with (else None)
 
     @property
     def names(self) -> list[str]:
