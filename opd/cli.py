@@ -28,7 +28,8 @@ EPILOG = """examples:
   opd validate runs/demo                        check a finished run folder
   opd COMMAND --help                            the arguments of one command
 
-Models are local Hugging Face folders, or the bundled tiny:teacher, tiny:student, tiny:gsm8k.
+Models are local Hugging Face folders, or the bundled tiny:teacher, tiny:student, tiny:gsm8k, tiny:arith_self;
+teacher=self makes the student its own teacher under the teacher prompt.
 Add --debug anywhere on the line to see the traceback of an error."""
 TRAIN_EPILOG = """Every key is a field of opd.config.TrainConfig (opd/config.py, one comment each); an unknown key
 or a bad value stops before any model loads. Common ones: steps, lr, loss (reverse_kl | topk_kl | jsd),
@@ -36,7 +37,8 @@ teacher, student, data, task, prompts_per_step, completions_per_prompt, max_new_
 
 examples:
   opd train recipes/demo.yaml steps=50 out_dir=runs/short
-  opd train data=my.jsonl teacher=/models/big student=/models/small reward=boxed epochs=2"""
+  opd train data=my.jsonl teacher=/models/big student=/models/small reward=boxed epochs=2
+  opd train recipes/arithmetic_self.yaml                 teacher=self: the student under the privileged prompt"""
 
 
 @dataclass(frozen=True)
