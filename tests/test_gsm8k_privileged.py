@@ -21,8 +21,8 @@ RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "gsm8k_privileged.
 
 def test_recipe_loads_as_the_reference_run():
     config = load_config(RECIPE)
-    assert config.teacher == config.student == "tiny:gsm8k"
-    assert resolve(config.teacher) == GSM8K_DIR
+    assert (config.teacher, config.self_teacher, config.student) == ("self", "frozen", "tiny:gsm8k")
+    assert resolve(config.student) == GSM8K_DIR
     assert config.task == "gsm8k_privileged"
     assert (config.train_size, config.prompts_per_step, config.steps, config.completions_per_prompt) == (8, 8, 25, 4)
     assert config.eval_train_size == 8 and config.eval_size > 0  # the training rows and held-out rows

@@ -151,3 +151,14 @@ def test_an_ema_run_resumed_from_its_checkpoint_ends_where_an_uninterrupted_one_
 def test_bad_self_teacher_settings_get_one_line_naming_the_field(tmp_path, extra, message):
     with pytest.raises(ValueError, match=message):
         load_config(None, base(tmp_path, *extra))
+
+
+def test_tiny_arith_self_copies_the_solution_it_is_shown_and_cannot_solve_alone():
+    from opd.evaluate import greedy_accuracy
+    from opd.models import load_model, load_tokenizer
+
+    model, tokenizer = load_model("tiny:arith_self"), load_tokenizer("tiny:arith_self")
+    held_out = arithmetic_examples(100, "test", privileged=True)
+    plain, _ = greedy_accuracy(model, tokenizer, held_out, max_new_tokens=32)
+    shown, _ = greedy_accuracy(model, tokenizer, held_out, max_new_tokens=32, teacher_prompt=True)
+    assert plain <= 0.6 and shown >= 0.85, (plain, shown)  # build report, 200 rows: 46.5% and 94.5%
