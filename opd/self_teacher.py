@@ -71,17 +71,23 @@ class SelfTeacher:
             return True
         return False
 
+    @property
+    def moves(self) -> bool:
+        """Whether the teacher's weights change during the run (snapshot, ema): then a checkpoint keeps them."""
+        return self.mode in ("snapshot", "ema")
+
     def save(self, folder: Path) -> None:
         """The followed weights of a snapshot or EMA teacher, for resume (nothing for frozen and live)."""
-        if self.mode in ("snapshot", "ema"):
+        if self.moves:
             save_file({name: t.detach().contiguous().cpu() for name, t, _ in self.followed}, str(folder / SELF_TEACHER_FILE))
 
     @torch.no_grad()
     def load(self, folder: Path) -> None:
-        """Restore what `save` wrote; a checkpoint without it (another mode) leaves the teacher as built."""
-        file = Path(folder) / SELF_TEACHER_FILE
-        if self.mode not in ("snapshot", "ema"):
+        """Restore what `save` wrote (frozen and live: nothing to restore); a snapshot or EMA run resuming a
+        checkpoint without the file (written by another mode) is refused, naming the file."""
+        if not self.moves:
             return
+        file = Path(folder) / SELF_TEACHER_FILE
         if not file.is_file():
             raise ValueError(f"checkpoint {folder} has no {SELF_TEACHER_FILE}: it was not written by a "
                              f"self_teacher={self.mode} run; resume it with the self_teacher it was trained with")
