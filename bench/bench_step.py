@@ -1,6 +1,6 @@
 """One opd training step against the sum of its parts measured alone, and how step time grows.
 
-    python bench/bench_step.py [--quick] [--repeats 5] [--threads 1]
+    python bench/bench_step.py [--quick] [--repeats 5] [--threads 1] [--dtypes float32,bfloat16] [--scale a|b]
 
 Overhead: the real loop (`opd.train.train`, the demo's settings with a fixed completion length so
 that every step does the same work) runs a few steps; its `perf/step_s` is compared with the same
@@ -10,7 +10,20 @@ AdamW step). overhead = median step / sum of the parts' medians (target <= 1.10)
 measured in one process, alternating a loop run and a round of parts `--repeats` times, so drift
 hits both; the first step of a loop run (warm-up) is left out.
 
-Growth: step time over a grid of sequences per step (S) x completion length (N), fixed length,
+Against the hardware: per part, the FLOPs it does (from parameter and token counts, below), its
+time, and the achieved FLOP/s as a fraction of this machine's matmul peak in the run's compute dtype,
+measured in this script (square matmuls, n = 1024 and 2048, the same thread count; the better of
+the two). FLOPs: a forward is 2 FLOPs per matmul weight per token it runs on; a backward twice
+that. Generation runs the backbone over each prompt once (prefill) and each generated token, the
+head at one row per step; teacher scoring runs each distinct prompt once (the shared-prompt
+forward) and every completion token, the head at the completion rows; the student's forward +
+backward the same at 6 FLOPs per weight per token; AdamW ~12 FLOPs per parameter. Attention's own
+score FLOPs (QK^T, AV) and elementwise work are not counted, so the fractions are lower bounds. Each
+`--dtypes` entry is its own row: `dtype=bfloat16` is opd's mixed precision (fp32 weights, bf16
+backbones, fp32 heads, docs/design.md §7). `--scale b` measures the step of bench_vs_trl.py's scale
+(b) (23M student, 42M teacher, 32k vocabulary, 4 x 4 sequences, 64 tokens) instead of the demo's.
+
+Growth (scale a, float32 only): step time over a grid of sequences per step (S) x completion length (N), fixed length,
 each point the median of a short loop run, and the least-squares fit
 log t = a + b log S + c log N (b, c: how step time scales with each). Wall-clock times, one torch
 thread (the 2 cores here are shared). Writes bench/results/bench_step.json.
@@ -35,11 +48,64 @@ BASE = ["teacher=tiny:teacher", "student=tiny:student", "task=arithmetic", "eval
         "save_every=0", "progress=false", "log_samples=0"]
 
 
-def config_for(prompts: int, completions: int, tokens: int, steps: int, out_dir: str, loss: str = "reverse_kl"):
+SCALE_B = ["prompts_per_step=4", "completions_per_prompt=4", "max_new_tokens=64", "min_new_tokens=64",
+           "micro_batch_size=4", "lr=1e-4"]
+
+
+def config_for(prompts: int, completions: int, tokens: int, steps: int, out_dir: str, loss: str = "reverse_kl",
+               dtype: str = "float32", scale: str = "a"):
     from opd.config import load_config
-    return load_config(None, BASE + [f"prompts_per_step={prompts}", f"completions_per_prompt={completions}",
-                                     f"max_new_tokens={tokens}", f"min_new_tokens={tokens}", f"steps={steps}",
-                                     f"micro_batch_size={prompts * completions}", f"out_dir={out_dir}", f"loss={loss}"])
+    overrides = BASE + [f"prompts_per_step={prompts}", f"completions_per_prompt={completions}",
+                        f"max_new_tokens={tokens}", f"min_new_tokens={tokens}", f"steps={steps}",
+                        f"micro_batch_size={prompts * completions}", f"out_dir={out_dir}", f"loss={loss}",
+                        f"dtype={dtype}", "train_size=4096"]
+    if scale == "b":
+        from bench.bench_vs_trl import SCALE_B_DIR, build_scale_b
+        build_scale_b()
+        overrides += [f"teacher={SCALE_B_DIR / 'teacher'}", f"student={SCALE_B_DIR / 'student'}", *SCALE_B]
+    return load_config(None, overrides)
+
+
+def matmul_peak(dtype: str, sizes=(1024, 2048), seconds: float = 1.0) -> dict:
+    """This machine's matmul FLOP/s in `dtype` at the current thread count: the best of square sizes `sizes`."""
+    import torch
+    from opd.precision import torch_dtype
+    best = {}
+    for n in sizes:
+        a, b = torch.randn(n, n, dtype=torch_dtype(dtype)), torch.randn(n, n, dtype=torch_dtype(dtype))
+        a @ b
+        reps, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            a @ b
+            reps += 1
+        best[n] = 2 * n**3 * reps / (time.perf_counter() - t0)
+    return {"flops_per_s": max(best.values()), "by_size": best}
+
+
+def matmul_weights(model) -> tuple[int, int]:
+    """(backbone matmul weights, head weights): the parameters a token's forward multiplies by, in two parts."""
+    import torch
+    head = model.get_output_embeddings().weight
+    backbone = getattr(model, model.base_model_prefix)
+    inner = sum(m.weight.numel() for m in backbone.modules() if isinstance(m, torch.nn.Linear))
+    return inner, head.numel()
+
+
+def stage_flops(student, teacher, rollouts, groups: int) -> dict[str, float]:
+    """FLOPs of each part of one step from parameter and token counts (the module docstring says what is counted)."""
+    s_inner, s_head = matmul_weights(student)
+    t_inner, t_head = matmul_weights(teacher)
+    completion = sum(len(r.completion_ids) for r in rollouts)
+    firsts = {r.prompt_index: r for r in rollouts}  # one row per distinct prompt
+    student_prompt = sum(len(r.prompt_ids) for r in firsts.values())
+    teacher_prompt = sum(len(r.teacher_prompt_ids) for r in firsts.values())
+    assert len(firsts) == groups, (len(firsts), groups)
+    params = sum(p.numel() for p in student.parameters() if p.requires_grad)
+    prefill = sum(len(r.prompt_ids) for r in rollouts)  # generation runs every row's prompt (no sharing there)
+    return {"generate_s": 2 * s_inner * (prefill + completion) + 2 * s_head * completion,
+            "score_s": 2 * t_inner * (teacher_prompt + completion) + 2 * t_head * completion,
+            "forward_backward_s": 6 * s_inner * (student_prompt + completion) + 6 * s_head * completion,
+            "optimizer_s": 12 * params}
 
 
 def loop_step_times(config) -> list[float]:
@@ -98,11 +164,12 @@ class Parts:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         t5 = time.perf_counter()
+        self.flops = stage_flops(self.student, self.teacher, rollouts, len(chosen))
         return {"generate_s": t1 - t0, "score_s": t3 - t2, "forward_backward_s": t4 - t3, "optimizer_s": t5 - t4}
 
 
-def overhead(repeats: int, steps: int, tmp: str) -> dict:
-    config = config_for(32, 4, 40, steps, f"{tmp}/overhead")
+def overhead(repeats: int, steps: int, tmp: str, dtype: str = "float32", scale: str = "a") -> dict:
+    config = config_for(32, 4, 40, steps, f"{tmp}/overhead_{dtype}", dtype=dtype, scale=scale)
     parts, loop = Parts(config), []
     parts.measure()  # warm-up
     rounds = []
@@ -112,7 +179,8 @@ def overhead(repeats: int, steps: int, tmp: str) -> dict:
     medians = {key: statistics.median(r[key] for r in rounds) for key in rounds[0]}
     step = statistics.median(loop)
     return {"step_s": step, "parts_s": medians, "sum_of_parts_s": sum(medians.values()),
-            "overhead_ratio": step / sum(medians.values()), "loop_steps": loop, "part_rounds": rounds}
+            "overhead_ratio": step / sum(medians.values()), "loop_steps": loop, "part_rounds": rounds,
+            "flops": parts.flops}
 
 
 def growth(sizes: list[int], lengths: list[int], steps: int, tmp: str) -> dict:
@@ -130,42 +198,78 @@ def growth(sizes: list[int], lengths: list[int], steps: int, tmp: str) -> dict:
     return {"points": points, "fit": {"a": a, "slope_sequences": b, "slope_tokens": c}}
 
 
+STAGES = {"generate_s": "generation", "score_s": "teacher scoring", "forward_backward_s": "student forward+backward",
+          "optimizer_s": "optimizer (AdamW)"}
+
+
+def hardware_table(by_dtype: dict, peaks: dict) -> list[str]:
+    lines = ["| dtype | part | GFLOP | s | GFLOP/s | % of matmul peak |", "| --- | --- | --- | --- | --- | --- |"]
+    for dtype, over in by_dtype.items():
+        for key, name in STAGES.items():
+            flops, seconds = over["flops"][key], over["parts_s"][key]
+            rate = flops / seconds
+            lines.append(f"| {dtype} | {name} | {flops / 1e9:.2f} | {seconds:.3f} | {rate / 1e9:.1f} | "
+                         f"{100 * rate / peaks[dtype]['flops_per_s']:.0f}% |")
+    lines.append("\nmatmul peak (this machine, this thread count): " + ", ".join(
+        f"{dtype} {peak['flops_per_s'] / 1e9:.0f} GFLOP/s" for dtype, peak in peaks.items()))
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer steps and a smaller grid (smoke test)")
     parser.add_argument("--repeats", type=int, default=3, help="loop runs / rounds of parts, alternated")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--dtypes", default="float32,bfloat16", help="compute precisions, a row each")
+    parser.add_argument("--scale", default="a", choices=("a", "b"),
+                        help="a: the demo's step (tiny pair, 32 x 4 x 40 tokens) and the growth grid; "
+                             "b: bench_vs_trl.py's scale b (4 x 4 x 64 tokens, 32k vocabulary), no grid")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
+
+    from opd.precision import bf16_units
     torch.set_num_threads(args.threads)
     steps = 3 if args.quick else 6
+    dtypes = args.dtypes.split(",")
     sizes, lengths = ([32, 64], [20, 40]) if args.quick else ([32, 64, 128], [20, 40, 80])
+    peaks = {dtype: matmul_peak(dtype) for dtype in dtypes}
+    by_dtype = {}
     with tempfile.TemporaryDirectory(prefix="bench_step_") as tmp:
-        print("overhead: the demo's step (32 prompts x 4, exactly 40 tokens), loop vs parts alone", flush=True)
-        over = overhead(1 if args.quick else args.repeats, steps, tmp)
-        print("growth grid:", flush=True)
-        grow = growth(sizes, lengths, steps, tmp)
-    p = over["parts_s"]
-    lines = ["| step (loop) s | generate s | teacher score s | student fwd+bwd s | optimizer s | sum of parts s | overhead |",
-             "| --- | --- | --- | --- | --- | --- | --- |",
-             f"| {over['step_s']:.3f} | {p['generate_s']:.3f} | {p['score_s']:.3f} | {p['forward_backward_s']:.3f} | "
-             f"{p['optimizer_s']:.3f} | {over['sum_of_parts_s']:.3f} | **{over['overhead_ratio']:.3f}** |", "",
-             "| sequences/step \\ tokens | " + " | ".join(str(n) for n in lengths) + " |",
-             "| --- |" + " --- |" * len(lengths)]
-    for S in sizes:
-        row = [f"{q['step_s']:.3f}" for q in grow["points"] if q["sequences"] == S]
-        lines.append(f"| {S} | " + " | ".join(row) + " |")
-    fit = grow["fit"]
-    lines.append(f"\nfit: step_s ~ S^{fit['slope_sequences']:.2f} * N^{fit['slope_tokens']:.2f} "
-                 f"(log-log least squares over {len(grow['points'])} points)")
+        for dtype in dtypes:
+            print(f"overhead ({dtype}): the step of scale {args.scale}, loop vs parts alone", flush=True)
+            by_dtype[dtype] = overhead(1 if args.quick else args.repeats, steps, tmp, dtype, args.scale)
+        grow = None
+        if args.scale == "a":
+            print("growth grid (float32):", flush=True)
+            grow = growth(sizes, lengths, steps, tmp)
+    lines = ["| dtype | step (loop) s | generate s | teacher score s | student fwd+bwd s | optimizer s | sum of parts s "
+             "| overhead |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for dtype, over in by_dtype.items():
+        p = over["parts_s"]
+        lines.append(f"| {dtype} | {over['step_s']:.3f} | {p['generate_s']:.3f} | {p['score_s']:.3f} | "
+                     f"{p['forward_backward_s']:.3f} | {p['optimizer_s']:.3f} | {over['sum_of_parts_s']:.3f} | "
+                     f"**{over['overhead_ratio']:.3f}** |")
+    lines += [""] + hardware_table(by_dtype, peaks) + [f"bf16 units: {bf16_units('cpu') or 'none (bf16 is emulated)'}"]
+    if grow is not None:
+        lines += ["", "| sequences/step \\ tokens | " + " | ".join(str(n) for n in lengths) + " |",
+                  "| --- |" + " --- |" * len(lengths)]
+        for S in sizes:
+            row = [f"{q['step_s']:.3f}" for q in grow["points"] if q["sequences"] == S]
+            lines.append(f"| {S} | " + " | ".join(row) + " |")
+        fit = grow["fit"]
+        lines.append(f"\nfit: step_s ~ S^{fit['slope_sequences']:.2f} * N^{fit['slope_tokens']:.2f} "
+                     f"(log-log least squares over {len(grow['points'])} points)")
     text = "\n".join(lines)
     print(text)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"overhead": over, "growth": grow, "table": text, "threads": args.threads,
-                                   "loadavg_end": os.getloadavg(), "quick": args.quick}, indent=1))
-    print(f"\nwrote {RESULTS}")
+    out = RESULTS if args.scale == "a" else RESULTS.with_name("bench_step_b.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"by_dtype": by_dtype, "overhead": by_dtype[dtypes[0]], "peaks": peaks,
+                               "growth": grow, "table": text, "threads": args.threads, "scale": args.scale,
+                               "bf16_units": bf16_units("cpu"), "loadavg_end": os.getloadavg(),
+                               "quick": args.quick}, indent=1))
+    print(f"\nwrote {out}")
 
 
 if __name__ == "__main__":

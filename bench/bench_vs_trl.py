@@ -1,6 +1,7 @@
 """opd against TRL's on-policy distillation trainer on the same work, at two model scales.
 
     python bench/bench_vs_trl.py [--quick] [--repeats 3] [--quality-repeats 5] [--scales a,b,quality] [--threads 1]
+                                 [--dtypes float32,bfloat16]
 
 Same teacher and student, same prompts in the same order (opd's `step_prompts`; TRL gets each
 prompt repeated G times with shuffling off, since it makes one completion per prompt), same
@@ -27,6 +28,14 @@ Before any timing, one identical batch of student samples goes through both obje
 `_chunked_divergence_loss` on TRL-shaped inputs, opd's `micro_loss` with the JSD at β = 1): their
 values and parameter gradients must agree, so that the final-KL comparison is between random
 streams, not objectives.
+
+Precision (`--dtypes`): each trainer runs once per dtype in every repetition. bfloat16 is each side's
+own mixed precision: opd's `dtype=bfloat16` (fp32 weights and AdamW, backbones under bf16 autocast,
+fp32 heads and losses, docs/design.md §7 "Precision") and TRL's `bf16=True` (the Trainer's
+accelerate autocast around the student's forward; TRL generates with the unwrapped model and runs
+its teacher as loaded, so both stay fp32 there, which is what TRL's trainer does with the flag). Each
+opd row is compared with TRL's best row of that repetition (the faster of its dtypes), so a
+ratio is against TRL at its best setting.
 
 Every run is a fresh subprocess (so peak RSS, from getrusage, is one trainer's), runs alternate
 trainer by trainer within each repetition (rotating the order) so machine noise hits all of them,
@@ -57,6 +66,16 @@ SCALE_B_DIR = RESULTS / "models" / "scale_b"
 SCALE_C_TEACHER = ROOT / "models" / "smollm2-135m-instruct"  # ./scripts/get-smollm2.sh
 SCALE_C_STUDENT = ROOT / "models" / "smollm2-cut20-imp"  # the recipe's 20-of-30 importance cut, made on first use
 TRAINERS = ("trl", "opd_jsd", "opd")
+DTYPE_SUFFIX = {"float32": "", "bfloat16": "_bf16"}  # row name = trainer + suffix: opd_jsd_bf16
+
+
+def kind_of(row: str) -> str:
+    """The trainer behind a row name: opd_jsd_bf16 -> opd_jsd."""
+    return row.removesuffix("_bf16")
+
+
+def dtype_of(row: str) -> str:
+    return "bfloat16" if row.endswith("_bf16") else "float32"
 SEED = 0
 
 # P prompts x G completions per step, N completion tokens, measured steps (+1 warm-up step).
@@ -145,7 +164,7 @@ def worker_trl(spec: dict) -> dict:
     args = DistillationConfig(
         output_dir=spec["out_dir"], per_device_train_batch_size=P * G, gradient_accumulation_steps=1, max_steps=steps,
         learning_rate=spec["lr"], lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
-        bf16=False, fp16=False, use_cpu=True, gradient_checkpointing=False, beta=1.0, temperature=1.0, top_k=0,
+        bf16=spec["dtype"] == "bfloat16", fp16=False, use_cpu=True, gradient_checkpointing=False, beta=1.0, temperature=1.0, top_k=0,
         top_p=1.0, max_completion_length=N, generation_kwargs={"min_new_tokens": N} if spec["fixed"] else None,
         shuffle_dataset=False, disable_dropout=True, logging_steps=1, save_strategy="no", report_to="none",
         seed=spec["seed"], disable_tqdm=True, dataloader_num_workers=0)
@@ -192,14 +211,14 @@ def worker_opd(spec: dict) -> dict:
     from opd.metrics import read_metrics
     from opd.train import train
 
-    loss = ["loss=jsd", "jsd_beta=1.0"] if spec["trainer"] == "opd_jsd" else ["loss=reverse_kl"]
+    loss = ["loss=jsd", "jsd_beta=1.0"] if kind_of(spec["trainer"]) == "opd_jsd" else ["loss=reverse_kl"]
     overrides = [f"teacher={spec['teacher']}", f"student={spec['student']}", "task=arithmetic",
                  f"train_size={spec['train_size']}", "eval_size=8", f"prompts_per_step={spec['P']}",
                  f"completions_per_prompt={spec['G']}", f"max_new_tokens={spec['N']}",
                  f"min_new_tokens={spec['N'] if spec['fixed'] else 0}", "temperature=1.0", *loss,
                  f"steps={spec['steps']}", f"lr={spec['lr']}", "lr_schedule=constant", "warmup_steps=0",
                  "weight_decay=0.0", "grad_clip=1.0", f"micro_batch_size={spec.get('micro', spec['P'] * spec['G'])}", "device=cpu",
-                 f"seed={spec['seed']}", f"out_dir={spec['out_dir']}", "eval_every=0", "save_every=0",
+                 f"seed={spec['seed']}", f"dtype={spec['dtype']}", f"out_dir={spec['out_dir']}", "eval_every=0", "save_every=0",
                  "progress=false", "log_samples=0"]
     run_dir = train(load_config(None, overrides))
     records = [{"step_s": r["perf/step_s"], "generate_s": r["perf/generate_s"], "score_s": r["perf/score_s"],
@@ -273,11 +292,16 @@ def worker_parity(spec: dict) -> dict:
             "tokens": batch.num_tokens}
 
 
+def bf16_units() -> str | None:
+    from opd.precision import bf16_units as units
+    return units("cpu")
+
+
 def worker(spec: dict) -> None:
     import torch
     torch.set_num_threads(spec["threads"])
     start = time.perf_counter()
-    kind = "eval" if spec.get("eval") else spec["trainer"]
+    kind = "eval" if spec.get("eval") else kind_of(spec["trainer"])
     result = {"eval": worker_eval, "parity": worker_parity, "trl": worker_trl, "opd": worker_opd,
               "opd_jsd": worker_opd}[kind](spec)
     result["wall_s"] = time.perf_counter() - start
@@ -310,31 +334,39 @@ def median_over_reps(runs: list[dict]) -> dict:
     return {key: statistics.median(r[key] for r in runs) for key in runs[0]}
 
 
+def best_trl(by_row: dict) -> list[dict]:
+    """TRL at its best, repetition by repetition: the faster of its dtype rows in each repetition."""
+    trl_rows = [row for row in by_row if kind_of(row) == "trl"]
+    return [max(runs, key=lambda r: r["tokens_per_s"]) for runs in zip(*(by_row[row]["runs"] for row in trl_rows))]
+
+
 def table(results: dict) -> str:
     lines = []
-    for scale, by_trainer in results.items():
+    for scale, by_row in results.items():
         s = SCALES_USED[scale]
         pair = {"b": "scale-b teacher (42M) -> student (23M), 32k vocab",
                 "c": "SmolLM2-135M-Instruct -> its 20-layer importance cut (99.1M), 49k vocab"}.get(scale, "tiny:teacher -> tiny:student")
         lines.append(f"\nscale {'a, quality' if scale == 'quality' else scale}: {pair}, {s['P']} prompts x {s['G']} = "
                      f"{s['P'] * s['G']} sequences/step, {'exactly' if s['fixed'] else 'up to'} {s['N']} tokens, "
-                     f"{s['steps']} steps (medians of {len(by_trainer['trl']['runs'])} runs)"
+                     f"{s['steps']} steps (medians of {len(by_row['trl']['runs'])} runs)"
                      + (f", opd trains in micro-batches of {s['micro']}" if "micro" in s else ""))
-        header = "| trainer | step s | tokens/s | vs TRL | generate s | teacher s | train s | peak RSS MiB | vs TRL |"
+        header = ("| trainer | dtype | step s | tokens/s | vs best TRL | generate s | teacher s | train s | peak RSS MiB "
+                  "| vs TRL fp32 |")
         if scale == "quality":
             header += " final sampled reverse KL |"
         lines += [header, "|" + " --- |" * (header.count("|") - 1)]
-        trl = by_trainer["trl"]["median"]
-        for trainer, r in by_trainer.items():
+        best = median_over_reps(best_trl(by_row))
+        trl = by_row["trl"]["median"]
+        for row, r in by_row.items():
             m = r["median"]
-            row = (f"| {trainer} | {m['step_s']:.2f} | {m['tokens_per_s']:.0f} | {m['tokens_per_s'] / trl['tokens_per_s']:.2f}x"
-                   f" | {m['generate_s']:.2f} | {m['score_s']:.2f} | {m['train_s']:.2f} | {m['peak_rss_mib']:.0f}"
-                   f" | {m['peak_rss_mib'] / trl['peak_rss_mib']:.2f}x |")
+            line = (f"| {kind_of(row)} | {dtype_of(row)} | {m['step_s']:.2f} | {m['tokens_per_s']:.0f} | "
+                    f"{m['tokens_per_s'] / best['tokens_per_s']:.2f}x | {m['generate_s']:.2f} | {m['score_s']:.2f} | "
+                    f"{m['train_s']:.2f} | {m['peak_rss_mib']:.0f} | {m['peak_rss_mib'] / trl['peak_rss_mib']:.2f}x |")
             if scale == "quality":
                 kls = ", ".join(f"{run['final_sampled_reverse_kl']:.3f}" for run in r["runs"])
-                row += f" {m['final_sampled_reverse_kl']:.3f} ({kls}) |"
-            lines.append(row)
-        lines += paired_lines(by_trainer, scale)
+                line += f" {m['final_sampled_reverse_kl']:.3f} ({kls}) |"
+            lines.append(line)
+        lines += paired_lines(by_row, scale)
     return "\n".join(lines)
 
 
@@ -344,19 +376,24 @@ def parity_line(parity: dict) -> str:
             f"{parity['max_relative_grad_diff']:.1e} (largest relative difference)")
 
 
-def paired_lines(by_trainer: dict, scale: str) -> list[str]:
-    """Each opd trainer against TRL run by run: repetition r of every trainer ran back to back (same seed)."""
-    trl_runs, lines = by_trainer["trl"]["runs"], []
-    for trainer in TRAINERS[1:]:
-        runs = by_trainer[trainer]["runs"]
+def paired_lines(by_row: dict, scale: str) -> list[str]:
+    """Each opd row against TRL run by run: repetition r of every row ran back to back (same seed).
+
+    Speed: against TRL's best row of that repetition. Quality: against TRL in the same dtype."""
+    lines, best = [], best_trl(by_row)
+    for row in by_row:
+        if kind_of(row) == "trl":
+            continue
+        runs = by_row[row]["runs"]
         if scale == "quality":
+            trl_runs = by_row["trl" + DTYPE_SUFFIX[dtype_of(row)]]["runs"]
             diffs = [r["final_sampled_reverse_kl"] - t["final_sampled_reverse_kl"] for r, t in zip(runs, trl_runs)]
             se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else float("nan")
-            lines.append(f"- {trainer} final KL minus TRL's, same seed: mean {statistics.mean(diffs):+.3f} "
+            lines.append(f"- {row} final KL minus TRL's ({dtype_of(row)}), same seed: mean {statistics.mean(diffs):+.3f} "
                          f"± {se:.3f} (standard error of {len(diffs)} pairs)")
         else:
-            ratios = [r["tokens_per_s"] / t["tokens_per_s"] for r, t in zip(runs, trl_runs)]
-            lines.append(f"- {trainer} tokens/s over TRL's, repetition by repetition: "
+            ratios = [r["tokens_per_s"] / t["tokens_per_s"] for r, t in zip(runs, best)]
+            lines.append(f"- {row} tokens/s over TRL's best, repetition by repetition: "
                          + ", ".join(f"{x:.2f}" for x in ratios) + f" (median {statistics.median(ratios):.2f}x)")
     return lines
 
@@ -373,6 +410,8 @@ def main() -> None:
     parser.add_argument("--scales", default="a,b,quality", help="comma-separated subset of a, b, c, quality "
                         "(c, the real SmolLM2 pair, only when asked)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run (1: the 2 cores here are shared)")
+    parser.add_argument("--dtypes", default="float32,bfloat16",
+                        help="comma-separated compute precisions, each a row per trainer: float32, bfloat16")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
@@ -388,7 +427,11 @@ def main() -> None:
     if "c" in scales:
         build_scale_c()
     RESULTS.mkdir(parents=True, exist_ok=True)
-    raw = {name: {t: [] for t in TRAINERS} for name in scales}
+    dtypes = args.dtypes.split(",")
+    if not set(dtypes) <= set(DTYPE_SUFFIX) or "float32" not in dtypes:
+        raise SystemExit(f"--dtypes {args.dtypes}: choose from {', '.join(DTYPE_SUFFIX)}, float32 included")
+    rows = [t + DTYPE_SUFFIX[d] for t in TRAINERS for d in dtypes]
+    raw = {name: {row: [] for row in rows} for name in scales}
     with tempfile.TemporaryDirectory(prefix="bench_vs_trl_") as tmp:
         parity = run_subprocess(SCALES["a"] | {"trainer": "parity", "seed": SEED, "threads": args.threads,
                                                "train_size": 4096, "result": str(Path(tmp) / "parity.json")})
@@ -397,10 +440,10 @@ def main() -> None:
             for name in scales:
                 if rep >= (args.quality_repeats if name == "quality" else args.repeats):
                     continue
-                order = TRAINERS[rep % 3:] + TRAINERS[: rep % 3]  # rotate, so no trainer always runs first
+                order = rows[rep % len(rows):] + rows[: rep % len(rows)]  # rotate: no row always runs first
                 for trainer in order:
                     run_dir = Path(tmp) / f"{name}_{trainer}_{rep}"
-                    spec = SCALES_USED[name] | {"trainer": trainer, "seed": SEED + rep, "threads": args.threads,
+                    spec = SCALES_USED[name] | {"trainer": trainer, "dtype": dtype_of(trainer), "seed": SEED + rep, "threads": args.threads,
                                                 "train_size": 4096, "out_dir": str(run_dir),
                                                 "result": str(run_dir) + ".json", "save": name == "quality",
                                                 "final_dir": str(run_dir) + "_final"}
@@ -409,14 +452,14 @@ def main() -> None:
                         run["eval"] = run_subprocess(spec | {"eval": True, "result": str(run_dir) + "_eval.json"})
                     raw[name][trainer].append(run)
                     s = summarize_run(run)
-                    print(f"rep {rep} scale {name} {trainer:8s} step {s['step_s']:.2f}s  {s['tokens_per_s']:.0f} tok/s  "
+                    print(f"rep {rep} scale {name} {trainer:13s} step {s['step_s']:.2f}s  {s['tokens_per_s']:.0f} tok/s  "
                           f"gen {s['generate_s']:.2f} score {s['score_s']:.2f} train {s['train_s']:.2f}  "
                           f"RSS {s['peak_rss_mib']:.0f} MiB"
                           + (f"  KL {run['eval']['eval/sampled_reverse_kl']:.3f}" if name == "quality" else ""), flush=True)
     results = {}
     for name in scales:
         results[name] = {}
-        for trainer in TRAINERS:
+        for trainer in rows:
             runs = []
             for run in raw[name][trainer]:
                 s = summarize_run(run)
@@ -432,7 +475,8 @@ def main() -> None:
     meta = {"versions": {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__,
                          "python": platform.python_version()},
             "cpus": os.cpu_count(), "threads": args.threads, "loadavg_end": os.getloadavg(), "quick": args.quick,
-            "repeats": args.repeats, "quality_repeats": args.quality_repeats, "scales": SCALES_USED}
+            "repeats": args.repeats, "quality_repeats": args.quality_repeats, "scales": SCALES_USED,
+            "dtypes": dtypes, "bf16_units": bf16_units()}
     # the default scales write bench_vs_trl.json; another subset its own file, so `--scales c` keeps a and b's
     out = RESULTS / ("bench_vs_trl.json" if args.scales == "a,b,quality" else f"bench_vs_trl_{'_'.join(scales)}.json")
     out.write_text(json.dumps({"meta": meta, "parity": parity, "results": results, "raw": raw, "table": text}, indent=1))

@@ -1,5 +1,6 @@
 """Compute precision, dropout, load-time checks, device and gradient checkpointing (issue #18 items 1, 3, 8; #17 item 6)."""
 
+import contextlib
 import json
 import logging
 import shutil
@@ -7,13 +8,14 @@ import shutil
 import pytest
 import torch
 from safetensors import safe_open
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM
 
 from opd.batch import collate
 from opd.config import TrainConfig, load_config
 from opd.forward import masked_token_logprobs
 from opd.models import TINY_DIR, check_loaded, load_model, load_tokenizer, save_dtype
-from opd.precision import save_pretrained_as
+from opd.precision import casts_cached, save_pretrained_as
 from opd.rollout import Sampling
 from opd.rollout.hf import HFRolloutEngine
 from opd.support import untested_paths, warn_untested
@@ -91,6 +93,54 @@ def test_the_trainer_recomputes_the_samplers_logprobs_at_step_0(tokenizer, teach
                                        vocab_size=len(tokenizer))
     d_N = (lp_B_T - batch.sampler_logprobs_B_T)[batch.loss_mask_B_T != 0].abs()
     assert d_N.max() < tolerance and d_N.mean() < tolerance / 50
+
+
+class WeightCasts(TorchDispatchMode):
+    """Counts casts of `model`'s parameter storages to bf16 (autocast's `_to_copy` of a weight)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.pointers, self.count = {p.data_ptr() for p in model.parameters()}, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if (func is torch.ops.aten._to_copy.default and kwargs.get("dtype") == torch.bfloat16
+                and args[0].data_ptr() in self.pointers):
+            self.count += 1
+        return func(*args, **kwargs)
+
+
+def test_a_bf16_decode_casts_each_weight_once_per_call_and_samples_the_same_bits(tokenizer, monkeypatch):
+    # The backbone opens an autocast context per forward and torch drops a weight's bf16 copy when the outermost
+    # context exits, so a decode of N steps cast every weight N + 1 times (prefill + N - 1 steps here: 16
+    # forwards); `casts_cached` opens one context around the loop. The tiny student has 14 Linear weights in its
+    # backbone (2 layers x 7) that autocast casts, so 14 casts per call against 14 x 16 = 224. A cast is
+    # deterministic, so the samples and their logprobs must be the same to the bit.
+    student = load_model("tiny:student", compute_dtype="bfloat16")
+    prompts = [render_prompt(tokenizer, ex.prompt) for ex in load_task("arithmetic", "train", 6, 0)]
+    sampling = Sampling(max_new_tokens=16, min_new_tokens=16)
+    linears = sum(isinstance(m, torch.nn.Linear) for m in student.model.modules())
+    with WeightCasts(student) as once:
+        cached = HFRolloutEngine(student, tokenizer).generate(prompts, 2, sampling, seed=3)
+    monkeypatch.setattr("opd.rollout.hf.casts_cached", lambda model: contextlib.nullcontext())
+    with WeightCasts(student) as every:
+        per_forward = HFRolloutEngine(student, tokenizer).generate(prompts, 2, sampling, seed=3)
+    assert (once.count, every.count) == (linears, linears * 16)
+    assert [r.completion_ids for r in cached] == [r.completion_ids for r in per_forward]
+    assert [r.sampler_logprobs for r in cached] == [r.sampler_logprobs for r in per_forward]
+
+
+def test_the_head_stays_fp32_inside_an_outer_autocast(tokenizer):
+    # What makes casts_cached safe: the output layer runs in its weights' dtype whatever autocast is open around
+    # the model, so logits under an outer bf16 autocast are the fp32-head logits, bit for bit.
+    student = load_model("tiny:student", compute_dtype="bfloat16")
+    ids = torch.tensor([render_prompt(tokenizer, [{"role": "user", "content": "12+34"}])])
+    with torch.no_grad():
+        plain = student(input_ids=ids).logits
+        with casts_cached(student):
+            outer = student(input_ids=ids).logits
+    assert outer.dtype == plain.dtype == torch.float32 and torch.equal(outer, plain)
+    assert isinstance(casts_cached(load_model("tiny:student")), contextlib.nullcontext)  # fp32: nothing to cache
 
 
 def test_a_bf16_run_trains_every_tensor_and_saves_an_fp32_student_in_fp32(tmp_path):

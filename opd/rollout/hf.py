@@ -34,6 +34,7 @@ from transformers.cache_utils import DynamicLayer
 from opd.distributed import is_sharded
 from opd.forward import cache_keyword
 from opd.kernels import truncation_threshold
+from opd.precision import casts_cached
 from opd.rollout import Sampling
 from opd.tokenization import pad_id, stop_token_ids
 from opd.types import Rollout
@@ -69,8 +70,10 @@ class HFRolloutEngine:
         self.model.eval()
         rollouts = []
         try:
-            for start in range(0, len(prompts), self.batch_size):
-                rollouts += self._generate_chunk(prompts[start : start + self.batch_size], sampling, generator, device)
+            with casts_cached(self.model):  # bf16: the student's weights cast once per call, not once per token
+                for start in range(0, len(prompts), self.batch_size):
+                    rollouts += self._generate_chunk(prompts[start : start + self.batch_size], sampling, generator,
+                                                     device)
         finally:
             self.model.train(was_training)
         return rollouts
