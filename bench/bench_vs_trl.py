@@ -337,6 +337,8 @@ def median_over_reps(runs: list[dict]) -> dict:
 def best_trl(by_row: dict) -> list[dict]:
     """TRL at its best, repetition by repetition: the faster of its dtype rows in each repetition."""
     trl_rows = [row for row in by_row if kind_of(row) == "trl"]
+    if not trl_rows:
+        return []
     return [max(runs, key=lambda r: r["tokens_per_s"]) for runs in zip(*(by_row[row]["runs"] for row in trl_rows))]
 
 
@@ -348,15 +350,16 @@ def table(results: dict) -> str:
                 "c": "SmolLM2-135M-Instruct -> its 20-layer importance cut (99.1M), 49k vocab"}.get(scale, "tiny:teacher -> tiny:student")
         lines.append(f"\nscale {'a, quality' if scale == 'quality' else scale}: {pair}, {s['P']} prompts x {s['G']} = "
                      f"{s['P'] * s['G']} sequences/step, {'exactly' if s['fixed'] else 'up to'} {s['N']} tokens, "
-                     f"{s['steps']} steps (medians of {len(by_row['trl']['runs'])} runs)"
+                     f"{s['steps']} steps (medians of {len(next(iter(by_row.values()))['runs'])} runs)"
                      + (f", opd trains in micro-batches of {s['micro']}" if "micro" in s else ""))
         header = ("| trainer | dtype | step s | tokens/s | vs best TRL | generate s | teacher s | train s | peak RSS MiB "
                   "| vs TRL fp32 |")
         if scale == "quality":
             header += " final sampled reverse KL |"
         lines += [header, "|" + " --- |" * (header.count("|") - 1)]
-        best = median_over_reps(best_trl(by_row))
-        trl = by_row["trl"]["median"]
+        nan = {"tokens_per_s": float("nan"), "peak_rss_mib": float("nan")}
+        best = median_over_reps(best_trl(by_row)) if "trl" in by_row else nan
+        trl = by_row["trl"]["median"] if "trl" in by_row else nan
         for row, r in by_row.items():
             m = r["median"]
             line = (f"| {kind_of(row)} | {dtype_of(row)} | {m['step_s']:.2f} | {m['tokens_per_s']:.0f} | "
@@ -382,7 +385,7 @@ def paired_lines(by_row: dict, scale: str) -> list[str]:
     Speed: against TRL's best row of that repetition. Quality: against TRL in the same dtype."""
     lines, best = [], best_trl(by_row)
     for row in by_row:
-        if kind_of(row) == "trl":
+        if kind_of(row) == "trl" or "trl" not in by_row:
             continue
         runs = by_row[row]["runs"]
         if scale == "quality":
@@ -412,6 +415,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run (1: the 2 cores here are shared)")
     parser.add_argument("--dtypes", default="float32,bfloat16",
                         help="comma-separated compute precisions, each a row per trainer: float32, bfloat16")
+    parser.add_argument("--trainers", default=",".join(TRAINERS), help="comma-separated subset of " + ", ".join(TRAINERS)
+                        + " (without trl: no ratios, e.g. opd's fp32 against bf16 on many quality seeds)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
@@ -430,7 +435,10 @@ def main() -> None:
     dtypes = args.dtypes.split(",")
     if not set(dtypes) <= set(DTYPE_SUFFIX) or "float32" not in dtypes:
         raise SystemExit(f"--dtypes {args.dtypes}: choose from {', '.join(DTYPE_SUFFIX)}, float32 included")
-    rows = [t + DTYPE_SUFFIX[d] for t in TRAINERS for d in dtypes]
+    trainers = args.trainers.split(",")
+    if not set(trainers) <= set(TRAINERS):
+        raise SystemExit(f"--trainers {args.trainers}: choose from {', '.join(TRAINERS)}")
+    rows = [t + DTYPE_SUFFIX[d] for t in TRAINERS if t in trainers for d in dtypes]
     raw = {name: {row: [] for row in rows} for name in scales}
     with tempfile.TemporaryDirectory(prefix="bench_vs_trl_") as tmp:
         parity = run_subprocess(SCALES["a"] | {"trainer": "parity", "seed": SEED, "threads": args.threads,
@@ -478,7 +486,8 @@ def main() -> None:
             "repeats": args.repeats, "quality_repeats": args.quality_repeats, "scales": SCALES_USED,
             "dtypes": dtypes, "bf16_units": bf16_units()}
     # the default scales write bench_vs_trl.json; another subset its own file, so `--scales c` keeps a and b's
-    out = RESULTS / ("bench_vs_trl.json" if args.scales == "a,b,quality" else f"bench_vs_trl_{'_'.join(scales)}.json")
+    name = "_".join(scales) + ("" if trainers == list(TRAINERS) else "_" + "_".join(trainers))
+    out = RESULTS / ("bench_vs_trl.json" if name == "a_b_quality" else f"bench_vs_trl_{name}.json")
     out.write_text(json.dumps({"meta": meta, "parity": parity, "results": results, "raw": raw, "table": text}, indent=1))
     print(f"\nwrote {out}")
 

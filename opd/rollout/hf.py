@@ -187,7 +187,8 @@ def sample_next(logits_A_V: torch.Tensor, sampling: Sampling, forbid_ids: torch.
         logprobs_A_V = torch.log_softmax(z_A_V, dim=-1)
         ids_A = logprobs_A_V.argmax(-1)
         return ids_A, logprobs_A_V.gather(-1, ids_A[:, None]).squeeze(1)
-    z_A_V = z_A_V / sampling.temperature
+    if sampling.temperature != 1.0:  # z / 1 is z: the division (a [rows, V] pass per token) is skipped
+        z_A_V = z_A_V / sampling.temperature
     if (0 < sampling.top_k < z_A_V.shape[-1]) or sampling.top_p < 1.0:
         threshold_A = truncation_threshold(z_A_V, sampling.top_k, sampling.top_p)
         z_A_V.masked_fill_(z_A_V < threshold_A[:, None], float("-inf"))
