@@ -109,11 +109,18 @@ def stage_flops(student, teacher, rollouts, groups: int) -> dict[str, float]:
 
 
 def loop_step_times(config) -> list[float]:
-    """perf/step_s of each step of a real `opd train` run, the warm-up step left out."""
+    """perf/step_s of each step of a real `opd train` run (a fresh run folder each call), the warm-up step left out."""
+    import dataclasses
+
     from opd.metrics import read_metrics
     from opd.train import train
-    run_dir = train(config)
+    global RUNS
+    RUNS += 1
+    run_dir = train(dataclasses.replace(config, out_dir=f"{config.out_dir}_{RUNS}"))
     return [r["perf/step_s"] for r in read_metrics(run_dir) if "perf/step_s" in r][1:]
+
+
+RUNS = 0  # loop runs so far: each gets its own out_dir (opd refuses to write over a finished run)
 
 
 class Parts:
