@@ -342,6 +342,11 @@ def best_trl(by_row: dict) -> list[dict]:
     return [max(runs, key=lambda r: r["tokens_per_s"]) for runs in zip(*(by_row[row]["runs"] for row in trl_rows))]
 
 
+def ratio(x: float, y: float) -> str:
+    """`x / y` as 1.23x, or - where there is no TRL row to divide by."""
+    return "-" if y != y else f"{x / y:.2f}x"
+
+
 def table(results: dict) -> str:
     lines = []
     for scale, by_row in results.items():
@@ -363,8 +368,8 @@ def table(results: dict) -> str:
         for row, r in by_row.items():
             m = r["median"]
             line = (f"| {kind_of(row)} | {dtype_of(row)} | {m['step_s']:.2f} | {m['tokens_per_s']:.0f} | "
-                    f"{m['tokens_per_s'] / best['tokens_per_s']:.2f}x | {m['generate_s']:.2f} | {m['score_s']:.2f} | "
-                    f"{m['train_s']:.2f} | {m['peak_rss_mib']:.0f} | {m['peak_rss_mib'] / trl['peak_rss_mib']:.2f}x |")
+                    f"{ratio(m['tokens_per_s'], best['tokens_per_s'])} | {m['generate_s']:.2f} | {m['score_s']:.2f} | "
+                    f"{m['train_s']:.2f} | {m['peak_rss_mib']:.0f} | {ratio(m['peak_rss_mib'], trl['peak_rss_mib'])} |")
             if scale == "quality":
                 kls = ", ".join(f"{run['final_sampled_reverse_kl']:.3f}" for run in r["runs"])
                 line += f" {m['final_sampled_reverse_kl']:.3f} ({kls}) |"
@@ -384,6 +389,13 @@ def paired_lines(by_row: dict, scale: str) -> list[str]:
 
     Speed: against TRL's best row of that repetition. Quality: against TRL in the same dtype."""
     lines, best = [], best_trl(by_row)
+    for row in by_row:  # quality: each bf16 row against the same trainer in fp32, seed by seed
+        if scale == "quality" and dtype_of(row) == "bfloat16" and kind_of(row) in by_row:
+            diffs = [r["final_sampled_reverse_kl"] - f["final_sampled_reverse_kl"]
+                     for r, f in zip(by_row[row]["runs"], by_row[kind_of(row)]["runs"])]
+            se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else float("nan")
+            lines.append(f"- {row} final KL minus {kind_of(row)}'s (fp32), same seed: mean {statistics.mean(diffs):+.3f} "
+                         f"± {se:.3f} (standard error of {len(diffs)} pairs)")
     for row in by_row:
         if kind_of(row) == "trl" or "trl" not in by_row:
             continue
