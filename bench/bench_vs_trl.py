@@ -292,11 +292,6 @@ def worker_parity(spec: dict) -> dict:
             "tokens": batch.num_tokens}
 
 
-def bf16_units() -> str | None:
-    from opd.precision import bf16_units as units
-    return units("cpu")
-
-
 def worker(spec: dict) -> None:
     import torch
     torch.set_num_threads(spec["threads"])
@@ -384,28 +379,31 @@ def parity_line(parity: dict) -> str:
             f"{parity['max_relative_grad_diff']:.1e} (largest relative difference)")
 
 
+def kl_difference(label: str, runs: list[dict], others: list[dict]) -> str:
+    """The final KL of `runs` minus that of `others`, seed by seed: mean ± standard error of the pairs."""
+    diffs = [r["final_sampled_reverse_kl"] - o["final_sampled_reverse_kl"] for r, o in zip(runs, others)]
+    se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else float("nan")
+    return (f"- {label}, same seed: mean {statistics.mean(diffs):+.3f} ± {se:.3f} "
+            f"(standard error of {len(diffs)} pairs)")
+
+
 def paired_lines(by_row: dict, scale: str) -> list[str]:
     """Each opd row against TRL run by run: repetition r of every row ran back to back (same seed).
 
-    Speed: against TRL's best row of that repetition. Quality: against TRL in the same dtype."""
+    Speed: against TRL's best row of that repetition. Quality: against TRL in the same dtype, and each
+    bf16 row against the same trainer in fp32."""
     lines, best = [], best_trl(by_row)
-    for row in by_row:  # quality: each bf16 row against the same trainer in fp32, seed by seed
-        if scale == "quality" and dtype_of(row) == "bfloat16" and kind_of(row) in by_row:
-            diffs = [r["final_sampled_reverse_kl"] - f["final_sampled_reverse_kl"]
-                     for r, f in zip(by_row[row]["runs"], by_row[kind_of(row)]["runs"])]
-            se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else float("nan")
-            lines.append(f"- {row} final KL minus {kind_of(row)}'s (fp32), same seed: mean {statistics.mean(diffs):+.3f} "
-                         f"± {se:.3f} (standard error of {len(diffs)} pairs)")
+    if scale == "quality":
+        lines += [kl_difference(f"{row} final KL minus {kind_of(row)}'s (fp32)", by_row[row]["runs"],
+                                by_row[kind_of(row)]["runs"])
+                  for row in by_row if dtype_of(row) == "bfloat16" and kind_of(row) in by_row]
     for row in by_row:
         if kind_of(row) == "trl" or "trl" not in by_row:
             continue
         runs = by_row[row]["runs"]
         if scale == "quality":
-            trl_runs = by_row["trl" + DTYPE_SUFFIX[dtype_of(row)]]["runs"]
-            diffs = [r["final_sampled_reverse_kl"] - t["final_sampled_reverse_kl"] for r, t in zip(runs, trl_runs)]
-            se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else float("nan")
-            lines.append(f"- {row} final KL minus TRL's ({dtype_of(row)}), same seed: mean {statistics.mean(diffs):+.3f} "
-                         f"± {se:.3f} (standard error of {len(diffs)} pairs)")
+            lines.append(kl_difference(f"{row} final KL minus TRL's ({dtype_of(row)})", runs,
+                                       by_row["trl" + DTYPE_SUFFIX[dtype_of(row)]]["runs"]))
         else:
             ratios = [r["tokens_per_s"] / t["tokens_per_s"] for r, t in zip(runs, best)]
             lines.append(f"- {row} tokens/s over TRL's best, repetition by repetition: "
@@ -492,11 +490,13 @@ def main() -> None:
     import torch
     import transformers
     import trl
+
+    from opd.precision import bf16_units
     meta = {"versions": {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__,
                          "python": platform.python_version()},
             "cpus": os.cpu_count(), "threads": args.threads, "loadavg_end": os.getloadavg(), "quick": args.quick,
             "repeats": args.repeats, "quality_repeats": args.quality_repeats, "scales": SCALES_USED,
-            "dtypes": dtypes, "bf16_units": bf16_units()}
+            "dtypes": dtypes, "bf16_units": bf16_units("cpu")}
     # the default scales write bench_vs_trl.json; another subset its own file, so `--scales c` keeps a and b's
     name = "_".join(scales) + ("" if trainers == list(TRAINERS) else "_" + "_".join(trainers))
     out = RESULTS / ("bench_vs_trl.json" if name == "a_b_quality" else f"bench_vs_trl_{name}.json")
