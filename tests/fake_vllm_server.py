@@ -10,19 +10,25 @@ Greedy completions (temperature 0) come from opd's HF rollout engine, which stop
 
 Faults for tests: `POST /_fault {"mode": ..., "count": n, "delay": s}` with mode `late` (answer
 after `delay` seconds), `drop` (close the connection without an answer), `bad_echo` (echo other
-prompt tokens), `wrong_model` (answer for another model); each applies to the next `count`
-completion requests. `GET /_stats` counts the completion requests.
+prompt tokens), `wrong_model` (answer for another model), `batch_template` (a request of several
+prompts is scored with TEMPLATE's tokens before each, as a server whose batched path renders a chat
+template its single requests do not; the echo is still what was sent); each applies to the next
+`count` completion requests. `GET /_stats` counts the completion requests. `running` starts one.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import subprocess
 import sys
 import threading
 import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import torch
 
@@ -31,6 +37,27 @@ from opd.rollout import Sampling
 from opd.rollout.hf import HFRolloutEngine
 
 NEG_INF_JSON = -9999.0
+TEMPLATE = "<|system|>Answer briefly.\n"  # what `batch_template` puts before each prompt of a batched request
+
+
+@contextlib.contextmanager
+def running(model: str, *args: str):
+    """This server for `model` (and its `args`) in a subprocess, on a port the OS picked; yields its base URL."""
+    root = Path(__file__).resolve().parent.parent
+    env = os.environ | {"PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), model, *args],
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    try:
+        line = process.stdout.readline()  # blocks until the model is loaded and the port bound
+        assert line.startswith("PORT "), f"the fake server did not start (said {line!r}, exit {process.poll()})"
+        yield f"http://127.0.0.1:{int(line.split()[1])}"
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -103,9 +130,11 @@ class App:
         self.completions, self.fault, self.lock = 0, {"mode": None, "count": 0, "delay": 0.0}, threading.Lock()
         self.compute = threading.Lock()  # one forward at a time, like one engine
 
-    def prompt_logprobs(self, seq: list[int], k: int) -> list:
+    def prompt_logprobs(self, seq: list[int], k: int, prefix: list[int] = ()) -> list:
+        """vLLM's prompt_logprobs of `seq`, computed after `prefix` (a template the server added unasked)."""
         with torch.no_grad():
-            lp_T_V = torch.log_softmax(self.model(torch.tensor([seq])).logits[0, :-1].float(), -1)
+            logits_T_V = self.model(torch.tensor([[*prefix, *seq]])).logits[0, len(prefix):-1]
+            lp_T_V = torch.log_softmax(logits_T_V.float(), -1)
         rows = [None]
         for t in range(len(seq) - 1):
             lp_V, token = lp_T_V[t], seq[t + 1]
@@ -118,6 +147,7 @@ class App:
 
     def complete(self, body: dict, mode: str | None) -> dict:
         prompts, k = body["prompt"], body.get("prompt_logprobs")
+        prefix = self.tokenizer(TEMPLATE)["input_ids"] if mode == "batch_template" and len(prompts) > 1 else []
         sampling = Sampling(greedy=True, max_new_tokens=body.get("max_tokens", 16))
         with self.compute:
             rollouts = HFRolloutEngine(self.model, self.tokenizer).generate(prompts, 1, sampling, seed=0)
@@ -128,7 +158,7 @@ class App:
                 choices.append({"index": index, "text": text,
                                 "logprobs": None, "finish_reason": r.finish_reason, "stop_reason": None,
                                 "token_ids": r.completion_ids if body.get("return_token_ids") else None,
-                                "prompt_logprobs": self.prompt_logprobs(seq, k) if k is not None else None,
+                                "prompt_logprobs": self.prompt_logprobs(seq, k, prefix) if k is not None else None,
                                 "prompt_token_ids": echoed if body.get("return_token_ids") else None})
         generated = sum(len(r.completion_ids) for r in rollouts)
         prompt_tokens = sum(map(len, prompts))

@@ -7,15 +7,11 @@ weights. Faults: a late answer, a dropped connection, a wrong echo, a wrong mode
 
 import gc
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-import opd
+from fake_vllm_server import running
 from opd.config import load_config
 from opd.evaluate import Evaluator
 from opd.metrics import read_metrics
@@ -26,7 +22,6 @@ from opd.teacher.served import ServedTeacherScorer, request_json
 from opd.train import train
 from opd.types import Rollout
 
-TESTS = Path(__file__).resolve().parent
 NAMES = ["tiny-teacher", "teacher-alias"]  # `--served-model-name tiny-teacher teacher-alias`
 TEACHER_SHAPES = {(2048, 256), (768, 256), (256, 768)}  # the tiny teacher's embedding and MLP weights
 
@@ -34,21 +29,8 @@ TEACHER_SHAPES = {(2048, 256), (768, 256), (256, 768)}  # the tiny teacher's emb
 @pytest.fixture(scope="module")
 def server():
     """The fake `vllm serve tiny:teacher` in its own process, on a port the OS picked; stopped at the end."""
-    env = os.environ | {"PYTHONPATH": str(Path(opd.__file__).resolve().parent.parent), "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen([sys.executable, str(TESTS / "fake_vllm_server.py"), "tiny:teacher",
-                                "--served-model-name", *NAMES, "--max-logprobs", "5", "--max-model-len", "512"],
-                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
-    try:
-        line = process.stdout.readline()  # blocks until the model is loaded and the port bound
-        assert line.startswith("PORT "), f"the fake server did not start (said {line!r}, exit {process.poll()})"
-        yield f"http://127.0.0.1:{int(line.split()[1])}"
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
+    with running("tiny:teacher", "--served-model-name", *NAMES, "--max-logprobs", "5", "--max-model-len", "512") as url:
+        yield url
 
 
 @pytest.fixture()
