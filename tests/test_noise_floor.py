@@ -1,0 +1,89 @@
+"""The teacher signal's noise floor (opd/noise_floor.py): each sample scored alone and padded among the others.
+
+Real objects only: the bundled tiny pair with the in-process scorer in fp32 and bf16, a served teacher
+(tests/fake_vllm_server.py, a real HTTP server in a subprocess) whose batched requests are scored under a
+template its single ones are not.
+"""
+
+import logging
+
+import pytest
+import torch
+
+from fake_vllm_server import running
+from opd import noise_floor
+from opd.models import load_model, load_tokenizer
+from opd.rollout import Sampling
+from opd.rollout.hf import HFRolloutEngine
+from opd.tasks import arithmetic_examples
+from opd.teacher.hf import HFTeacherScorer
+from opd.teacher.served import ServedTeacherScorer, request_json
+from opd.tokenization import render_prompt
+
+WARN = noise_floor.WARN_FRACTION
+
+
+def student_samples(tokenizer, n_prompts: int = 8, g: int = 2, seed: int = 0, **sampling) -> list:
+    """G samples of the bundled student for each of `n_prompts` arithmetic prompts (teacher prompt = prompt)."""
+    prompts = [render_prompt(tokenizer, ex.prompt) for ex in arithmetic_examples(n_prompts, "test")]
+    engine = HFRolloutEngine(load_model("tiny:student").eval(), tokenizer)
+    return engine.generate(prompts, g, Sampling(**({"max_new_tokens": 24} | sampling)), seed=seed)
+
+
+def hf_scorer(dtype: str = "float32") -> HFTeacherScorer:
+    teacher = load_model("tiny:teacher", dtype=dtype)
+    return HFTeacherScorer(teacher, vocab_size=len(load_tokenizer("tiny:teacher")))
+
+
+def test_an_fp32_teacher_is_layout_invariant_and_does_not_warn(tokenizer):
+    rollouts = student_samples(tokenizer)
+    floor = noise_floor.teacher_noise_floor(hf_scorer(), rollouts, temperature=1.0)
+    assert floor.rows == len(rollouts) and floor.tokens == sum(len(r.completion_ids) for r in rollouts)
+    assert floor.noise_rms < 1e-4  # float32 rounding between batch shapes
+    assert floor.signal > 0.1 and floor.abs_signal >= floor.signal  # the student is far from the teacher
+    assert floor.ratio < 1e-3
+    assert noise_floor.warning(floor) is None
+    assert set(noise_floor.metrics(floor)) == {"preflight/teacher_noise_rms", "preflight/sampled_reverse_kl",
+                                               "preflight/abs_log_ratio", "preflight/active_tokens",
+                                               "preflight/noise_to_signal"}
+
+
+def test_a_bf16_teacher_is_measurably_noisier_than_fp32(tokenizer):
+    rollouts = student_samples(tokenizer)
+    fp32 = noise_floor.teacher_noise_floor(hf_scorer(), rollouts, temperature=1.0)
+    bf16 = noise_floor.teacher_noise_floor(hf_scorer("bfloat16"), rollouts, temperature=1.0)
+    assert bf16.noise_rms > 1e-4 and bf16.noise_rms > 100 * fp32.noise_rms, (fp32, bf16)
+    assert bf16.signal == pytest.approx(fp32.signal, abs=0.05)  # the same samples, the same signal
+    assert noise_floor.warning(bf16) is None  # measured 0.3% of the signal on the tiny pair: below 10%
+
+
+def test_the_padded_layout_is_undone_so_scores_stay_with_their_rollouts(tokenizer, teacher):
+    scorer = HFTeacherScorer(teacher, vocab_size=len(tokenizer), freeze_model=False)
+    for sampling in ({}, {"min_new_tokens": 12, "max_new_tokens": 12}):  # varied lengths; all of one length
+        rollouts = student_samples(tokenizer, n_prompts=5, g=2, seed=3, **sampling)
+        order = noise_floor.padded_layout(rollouts)
+        assert order[1:] == list(reversed(range(len(rollouts))))
+        assert len(rollouts[order[0]].completion_ids) == max(len(r.completion_ids) for r in rollouts)
+        alone, padded = noise_floor.layout_scores(scorer, rollouts, temperature=1.0)
+        for r, a, b in zip(rollouts, alone, padded, strict=True):
+            expected = scorer.score([r], 1.0)[0].logprobs_R
+            assert a.numel() == b.numel() == len(r.completion_ids)
+            torch.testing.assert_close(a, expected, rtol=0, atol=0)
+            torch.testing.assert_close(b, expected, rtol=0, atol=1e-4)  # row i's scores, not its neighbour's
+
+
+def test_a_served_teacher_that_templates_batched_requests_warns_with_both_numbers(tokenizer, caplog):
+    rollouts = student_samples(tokenizer, n_prompts=4)
+    with running("tiny:teacher", "--served-model-name", "tiny-teacher") as url:
+        scorer = ServedTeacherScorer(url, "tiny-teacher")
+        honest = noise_floor.teacher_noise_floor(scorer, rollouts, temperature=1.0)
+        request_json(f"{url}/_fault", {"mode": "batch_template", "count": 10**6}, timeout_s=5, retries=0, backoff=0)
+        with caplog.at_level(logging.WARNING, logger="opd.noise_floor"):
+            floor = noise_floor.check(scorer, rollouts, temperature=1.0)
+    assert honest.noise_rms < 1e-4 and noise_floor.warning(honest) is None  # scored per sequence: invariant
+    assert floor.noise_rms > WARN * floor.signal > 0, floor
+    assert floor.signal == pytest.approx(honest.signal, abs=1e-5)  # alone, the template is not applied
+    [record] = [r for r in caplog.records if r.name == "opd.noise_floor"]
+    text = record.getMessage()
+    assert f"{floor.noise_rms:.4f}" in text and f"{floor.signal:.4f}" in text and "teacher_dtype=float32" in text
+    assert "\n" not in text
