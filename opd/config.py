@@ -111,6 +111,7 @@ class TrainConfig:
     tensorboard: bool = False  # also write TensorBoard events (needs `tensorboard`)
     wandb_project: str | None = None  # also log to this Weights & Biases project (needs `wandb`)
     progress: bool = True  # show a progress bar
+    preflight_noise: bool = True  # warn before step 1 if teacher logprobs move with the batch layout (opd/noise_floor.py)
     # precision, stops, memory (#18)
     teacher_dtype: str | None = None  # the frozen teacher's weight dtype (default: dtype); bfloat16 halves its memory
     save_dtype: str | None = None  # dtype of final/ (default: the dtype the student checkpoint came in)

@@ -142,3 +142,43 @@ def check(scorer, rollouts: list[Rollout], temperature: float, d: distributed.Di
     if floor is not None and d.main and (text := warning(floor)):
         log.warning(text)
     return floor
+
+
+@dataclasses.dataclass
+class Replay:
+    """A sampler that returns the batch the pre-flight drew at `step`, once, and asks `sampler` for every other one.
+
+    The batch is what `sampler.sample(step)` would return in the loop (the engine's weights and the step's
+    seed are the same), so the run samples and trains exactly as it would without the check.
+    """
+
+    sampler: object
+    step: int
+    rollouts: list[Rollout] | None
+
+    def sample(self, step: int, d: distributed.Dist = distributed.Dist()) -> list[Rollout]:
+        if step == self.step and self.rollouts is not None:
+            rollouts, self.rollouts = self.rollouts, None
+            return rollouts
+        return self.sampler.sample(step, d)
+
+    def sync(self, student: torch.nn.Module) -> None:
+        self.sampler.sync(student)
+
+
+def preflight(config, sampler, scorer, start_step: int, d: distributed.Dist) -> tuple[object, dict]:
+    """`opd train`'s check of its first batch: (a sampler that replays that batch at the first step, the
+    step-0 `preflight/*` metrics).
+
+    Skipped ({}, the sampler itself) with `preflight_noise=false`, on resume (the run was checked when it
+    started; step 0 is logged already) and off-policy: the teacher's samples carry their own logprobs as
+    scores there, so no scoring pass exists whose layout could add noise. Without a teacher
+    (teacher_backend=none) the scorer returns no scores: {}, and the batch is still replayed.
+    """
+    if not config.preflight_noise or start_step or not sampler.on_policy:
+        return sampler, {}
+    rollouts = sampler.sample(start_step + 1, d)
+    floor = check(scorer, rollouts, config.temperature, d)
+    if floor is not None and d.main:
+        log.info(describe(floor))
+    return Replay(sampler, start_step + 1, rollouts), {} if floor is None else metrics(floor)

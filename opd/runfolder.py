@@ -31,6 +31,7 @@ USED = ("checkpoints", "metrics.jsonl", "final", "config.json")  # what makes a 
 NOT_TRAINING = frozenset({
     "out_dir", "resume", "overwrite", "resume_allow_changed", "keep_last", "save_every",
     "eval_every", "eval_size", "eval_train_size", "log_samples", "progress", "tensorboard", "wandb_project",
+    "preflight_noise",  # a check before the first step: it changes no sample and no update (opd/noise_floor.py)
     "device", "teacher_url",  # the same run on another device, or its teacher served at a new address
     "micro_batch_size", "fsdp",  # the step-global normalizer makes the gradient independent of grouping (§4)
     "steps",

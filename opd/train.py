@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from opd import checkpoint, distributed, runfolder
+from opd import checkpoint, distributed, noise_floor, runfolder
 from opd.batch import collate
 from opd.config import TrainConfig, check_offpolicy_config
 from opd.data import load_data, resolve_steps
@@ -59,13 +59,14 @@ def train(config: TrainConfig) -> Path:
     optimizer, scheduler = make_optimizer(student, config)
     objective, teacher_head = make_objective(config, len(tokenizer)), getattr(scorer, "head", None)
     start_step = resume(run, student, optimizer, scheduler, sampler, teachers.own)
+    sampler, preflight = noise_floor.preflight(config, sampler, scorer, start_step, d)  # the first batch, checked
     plain_student = distributed.unsharded(student, d)  # rank 0's view for eval and saving (a collective under FSDP)
     watch = ShareWatch(teachers.names if config.teachers else [])
     if d.main:  # only rank 0 evaluates, logs and saves
         evaluate = make_evaluator(config, teachers, scorers, tokenizer, data.eval, data.train)
         writer = MetricsWriter(run.path, config, start_step)
         if start_step == 0:
-            writer.log(0, evaluate(plain_student), samples=True)
+            writer.log(0, evaluate(plain_student) | preflight, samples=True)
 
     for step in range(start_step + 1, config.steps + 1):
         t0 = time.perf_counter()

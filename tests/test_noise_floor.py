@@ -2,16 +2,19 @@
 
 Real objects only: the bundled tiny pair with the in-process scorer in fp32 and bf16, a served teacher
 (tests/fake_vllm_server.py, a real HTTP server in a subprocess) whose batched requests are scored under a
-template its single ones are not.
+template its single ones are not, and `opd train` end to end with the check on and off.
 """
 
 import logging
+import math
 
 import pytest
 import torch
 
 from fake_vllm_server import running
 from opd import noise_floor
+from opd.config import load_config
+from opd.metrics import read_metrics
 from opd.models import load_model, load_tokenizer
 from opd.rollout import Sampling
 from opd.rollout.hf import HFRolloutEngine
@@ -19,7 +22,10 @@ from opd.tasks import arithmetic_examples
 from opd.teacher.hf import HFTeacherScorer
 from opd.teacher.served import ServedTeacherScorer, request_json
 from opd.tokenization import render_prompt
+from opd.train import train, train_offpolicy
 
+SMALL = ["prompts_per_step=4", "completions_per_prompt=2", "max_new_tokens=24", "eval_size=8", "train_size=64",
+         "progress=false", "log_samples=0", "lr=1e-3", "eval_every=0", "save_every=0"]
 WARN = noise_floor.WARN_FRACTION
 
 
@@ -87,3 +93,37 @@ def test_a_served_teacher_that_templates_batched_requests_warns_with_both_number
     text = record.getMessage()
     assert f"{floor.noise_rms:.4f}" in text and f"{floor.signal:.4f}" in text and "teacher_dtype=float32" in text
     assert "\n" not in text
+
+
+def test_opd_train_checks_its_first_batch_and_trains_exactly_as_without_the_check(tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="opd.noise_floor"):
+        on = train(load_config(None, [*SMALL, "steps=2", f"out_dir={tmp_path / 'on'}"]))
+    off = train(load_config(None, [*SMALL, "steps=2", f"out_dir={tmp_path / 'off'}", "preflight_noise=false"]))
+    with_check, without = read_metrics(on), read_metrics(off)
+    first = with_check[0]
+    assert first["preflight/teacher_noise_rms"] < 1e-4 and first["preflight/noise_to_signal"] < 1e-3
+    assert first["preflight/active_tokens"] == with_check[1]["train/active_tokens"]  # the first step's batch...
+    assert first["preflight/sampled_reverse_kl"] == pytest.approx(with_check[1]["opd/sampled_reverse_kl"], abs=1e-5)
+    assert not any(k.startswith("preflight/") for r in without for k in r)
+    for a, b in zip(with_check, without, strict=True):  # ...and the run samples and trains as it would without it
+        assert {k: v for k, v in a.items() if not k.startswith(("perf/", "preflight/"))} == \
+               {k: v for k, v in b.items() if not k.startswith("perf/")}
+    weights_on, weights_off = (load_model(str(run / "final")).state_dict() for run in (on, off))
+    assert all(torch.equal(v, weights_off[k]) for k, v in weights_on.items())
+    assert any("teacher noise floor:" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("run", ["offpolicy", "grpo", "resume"])
+def test_no_check_where_no_scoring_pass_exists_or_the_run_resumes(tmp_path, run):
+    out = [f"out_dir={tmp_path / run}"]
+    if run == "offpolicy":  # the teacher's samples carry their own logprobs: nothing is scored
+        records = read_metrics(train_offpolicy(load_config(None, [*SMALL, "steps=1", *out])))
+    elif run == "grpo":  # teacher_backend=none: no teacher
+        records = read_metrics(train(load_config(None, [*SMALL, "steps=1", "teacher_backend=none", "task_reward=true",
+                                                        "kl_coef=0", *out])))
+    else:  # checked when the run started; a resumed run does not log step 0 again
+        train(load_config(None, [*SMALL, "steps=1", "preflight_noise=false", *out]))
+        records = read_metrics(train(load_config(None, [*SMALL, "steps=2", "resume=true", *out])))
+    assert [r["step"] for r in records][:2] == [0, 1]
+    assert not any(k.startswith("preflight/") for r in records for k in r)
+    assert all(math.isfinite(v) for r in records for v in r.values())
