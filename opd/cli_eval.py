@@ -1,5 +1,6 @@
 """`opd eval`: the held-out report of a teacher/student pair (`opd.evaluate.Evaluator`, printed by
-`opd.report.format_report`), on a built-in task's test split or on your rows; one of `opd.cli.COMMANDS`."""
+`opd.report.format_report`), on a built-in task's test split or on your rows, with the teacher's noise floor
+on the same samples (`opd.noise_floor`); one of `opd.cli.COMMANDS`."""
 
 from __future__ import annotations
 
@@ -81,6 +82,7 @@ def eval_pair(args: argparse.Namespace, examples: list):
 
 def eval_command(args: argparse.Namespace) -> dict:
     """The full held-out report of `opd.evaluate.Evaluator` for a teacher/student pair; printed, and saved if asked."""
+    from opd import noise_floor
     from opd.data import eval_rows
     from opd.evaluate import Evaluator
     from opd.report import format_report
@@ -92,6 +94,8 @@ def eval_command(args: argparse.Namespace) -> dict:
     evaluator = Evaluator(teacher, tokenizer, teacher_tokenizer, examples, args.temperature, args.max_new_tokens,
                           seed=args.seed, reward=reward)
     metrics = evaluator(student)
+    floor = noise_floor.check(evaluator.teacher, evaluator.samples(student), args.temperature)  # the same samples
+    metrics |= noise_floor.metrics(floor) if floor is not None else {}
     samples = metrics.pop("eval/samples")
     source = args.data or args.task or "arithmetic"
     rows = f"{len(examples)} rows of {source}" if args.data else f"{len(examples)} held-out {source} examples"

@@ -15,6 +15,7 @@ padded embedding changes nothing (docs/design.md §5).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 
@@ -29,6 +30,7 @@ from opd.teacher import greedy_traces
 from opd.teacher.hf import HFTeacherScorer, score_tokens
 from opd.teachers import SINGLE, route_of
 from opd.tokenization import render_prompt, stop_token_ids
+from opd.types import Rollout
 
 log = logging.getLogger(__name__)
 
@@ -138,13 +140,17 @@ class Evaluator:
             out[0] += f"\n   teacher's trace{cut}: {self.trace_texts[0]!r}"
         return out
 
-    def sampled_metrics(self, student) -> dict:
-        """Sampled reverse KL and perplexities on one student sample per held-out prompt."""
+    def samples(self, student) -> list[Rollout]:
+        """One student sample per held-out prompt at the temperature, with its teacher prompt (the same samples
+        on every call for the same weights: the seed is the evaluator's)."""
         engine = HFRolloutEngine(student, self.tokenizer)
         sampling = Sampling(temperature=self.temperature, max_new_tokens=self.max_new_tokens)
         rollouts = engine.generate(self.prompts, 1, sampling, seed=self.seed)
-        for r in rollouts:
-            r.teacher_prompt_ids = self.teacher_prompts[r.prompt_index]
+        return [dataclasses.replace(r, teacher_prompt_ids=self.teacher_prompts[r.prompt_index]) for r in rollouts]
+
+    def sampled_metrics(self, student) -> dict:
+        """Sampled reverse KL and perplexities on one student sample per held-out prompt."""
+        rollouts = self.samples(student)
         teacher = self.teacher.score(rollouts, self.temperature)
         p = torch.cat([torch.tensor(r.sampler_logprobs) for r in rollouts])
         q = torch.cat([s.logprobs_R for s in teacher])

@@ -64,6 +64,12 @@ def format_report(metrics: dict) -> str:
               f"  {'active tokens':<32}{metrics['eval/active_tokens']:>12.0f}",
               f"  {'mean completion length':<32}{metrics['eval/mean_length']:>12.2f}",
               f"  {'truncated fraction':<32}{metrics['eval/truncated_fraction']:>12.1%}"]
+    if "preflight/teacher_noise_rms" in metrics:  # opd.noise_floor, on the same samples
+        ratio = metrics.get("preflight/noise_to_signal")
+        lines += ["the same samples, each scored alone and padded among the others (the teacher's noise floor)",
+                  f"  {'teacher noise, RMS (nats/token)':<32}{metrics['preflight/teacher_noise_rms']:>12.3g}",
+                  f"  {'sampled reverse KL, alone':<32}{metrics['preflight/sampled_reverse_kl']:>12.4f}",
+                  f"  {'noise / signal':<32}{'-' if ratio is None else f'{ratio:.1%}':>12}"]
     return "\n".join(lines)
 
 

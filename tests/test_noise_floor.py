@@ -5,6 +5,7 @@ Real objects only: the bundled tiny pair with the in-process scorer in fp32 and 
 template its single ones are not, and `opd train` end to end with the check on and off.
 """
 
+import json
 import logging
 import math
 
@@ -127,3 +128,16 @@ def test_no_check_where_no_scoring_pass_exists_or_the_run_resumes(tmp_path, run)
     assert [r["step"] for r in records][:2] == [0, 1]
     assert not any(k.startswith("preflight/") for r in records for k in r)
     assert all(math.isfinite(v) for r in records for v in r.values())
+
+
+def test_opd_eval_reports_the_noise_floor_of_its_own_samples(tmp_path, capsys):
+    from opd.cli import main
+
+    report = tmp_path / "report.json"
+    assert main(["eval", "--n", "6", "--max-new-tokens", "12", "--samples", "0", "--json", str(report)]) == 0
+    out = capsys.readouterr().out
+    assert "teacher's noise floor" in out and "teacher noise, RMS (nats/token)" in out
+    metrics = json.loads(report.read_text())["metrics"]
+    assert metrics["preflight/teacher_noise_rms"] < 1e-4
+    assert metrics["preflight/active_tokens"] == metrics["eval/active_tokens"]  # the report's samples, scored again
+    assert metrics["preflight/sampled_reverse_kl"] == pytest.approx(metrics["eval/sampled_reverse_kl"], abs=1e-5)
