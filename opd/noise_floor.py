@@ -134,13 +134,16 @@ def metrics(floor: NoiseFloor) -> dict[str, float]:
     return out | ({"preflight/noise_to_signal": floor.ratio} if math.isfinite(floor.ratio) else {})
 
 
-def check(scorer, rollouts: list[Rollout], temperature: float, d: distributed.Dist = distributed.Dist()
-          ) -> NoiseFloor | None:
-    """`teacher_noise_floor` of this process's `rollouts`, summed over processes; rank 0 logs the warning if
-    there is one. None without a teacher."""
+def check(scorer, rollouts: list[Rollout], temperature: float, d: distributed.Dist = distributed.Dist(),
+          announce: bool = False) -> NoiseFloor | None:
+    """`teacher_noise_floor` of this process's `rollouts`, summed over processes; rank 0 logs its line (with
+    `announce`) and the warning if there is one. None without a teacher."""
     floor = teacher_noise_floor(scorer, rollouts, temperature, total=lambda v: distributed.all_sum(v, d))
-    if floor is not None and d.main and (text := warning(floor)):
-        log.warning(text)
+    if floor is not None and d.main:
+        if announce:
+            log.info(describe(floor))
+        if text := warning(floor):
+            log.warning(text)
     return floor
 
 
@@ -178,7 +181,5 @@ def preflight(config, sampler, scorer, start_step: int, d: distributed.Dist) -> 
     if not config.preflight_noise or start_step or not sampler.on_policy:
         return sampler, {}
     rollouts = sampler.sample(start_step + 1, d)
-    floor = check(scorer, rollouts, config.temperature, d)
-    if floor is not None and d.main:
-        log.info(describe(floor))
+    floor = check(scorer, rollouts, config.temperature, d, announce=True)
     return Replay(sampler, start_step + 1, rollouts), {} if floor is None else metrics(floor)
