@@ -32,6 +32,9 @@ class Rollout:
     expected_answer: str | None = None
     reward: float | None = None
     teacher: str = "teacher"  # the name of the teacher that scores it (opd/teachers.py; "teacher" when there is one)
+    # the K most likely ids of the distribution each token was drawn from, one list per completion token
+    # (`Sampling.record_topk`; None when not recorded); loss=student_topk_rkl compares the two models there
+    sampler_topk_ids: list[list[int]] | None = None
 
     def __post_init__(self) -> None:
         if not self.teacher_prompt_ids:
@@ -41,6 +44,11 @@ class Rollout:
                 f"rollout of prompt {self.prompt_index}: {len(self.sampler_logprobs)} sampler logprobs "
                 f"for {len(self.completion_ids)} completion tokens"
             )
+        if self.sampler_topk_ids is not None and (len(self.sampler_topk_ids) != len(self.completion_ids)
+                                                  or len({len(ids) for ids in self.sampler_topk_ids}) > 1):
+            raise ValueError(f"rollout of prompt {self.prompt_index}: sampler top-k ids must be one list of K ids per "
+                             f"completion token, got {[len(ids) for ids in self.sampler_topk_ids]} for "
+                             f"{len(self.completion_ids)} tokens")
         if self.finish_reason not in FINISH_REASONS:
             raise ValueError(f"finish_reason must be one of {FINISH_REASONS}, got {self.finish_reason!r}")
         if not self.prompt_ids or not self.teacher_prompt_ids:

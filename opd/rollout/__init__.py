@@ -23,12 +23,17 @@ class Sampling:
     max_new_tokens: int = 64
     min_new_tokens: int = 0  # > 0 forbids eos before that many tokens (benchmarks only)
     greedy: bool = False
+    # > 0: each rollout also records the K most likely ids of the distribution each token was drawn from
+    # (`Rollout.sampler_topk_ids`; loss=student_topk_rkl, docs/design.md §4)
+    record_topk: int = 0
 
     def __post_init__(self) -> None:
         if not self.greedy and self.temperature <= 0:
             raise ValueError(f"sampling temperature must be > 0 (got {self.temperature}); use greedy=True for argmax")
         if self.top_k < 0 or not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_k must be >= 0 and top_p in (0, 1], got top_k={self.top_k}, top_p={self.top_p}")
+        if self.record_topk < 0:
+            raise ValueError(f"record_topk must be >= 0 (0 = off), got {self.record_topk}")
         if self.max_new_tokens < 1 or not 0 <= self.min_new_tokens <= self.max_new_tokens:
             raise ValueError(f"need 1 <= max_new_tokens and 0 <= min_new_tokens <= max_new_tokens, got "
                              f"{self.max_new_tokens}, {self.min_new_tokens}")

@@ -80,7 +80,10 @@ class HFRolloutEngine:
 
     def _generate_chunk(self, prompts: list[tuple[int, list[int]]], sampling: Sampling, generator: torch.Generator,
                         device: torch.device) -> list[Rollout]:
-        B, N = len(prompts), sampling.max_new_tokens
+        B, N, K = len(prompts), sampling.max_new_tokens, sampling.record_topk
+        if K > self.vocab_size:
+            raise ValueError(f"record_topk={K} (student_topk) exceeds the student's vocabulary of {self.vocab_size} "
+                             f"tokens; lower it to at most {self.vocab_size}")
         width = max(len(ids) for _, ids in prompts)
         input_ids_B_W = torch.full((B, width), self.pad_id, dtype=torch.long)
         attention_mask_B_W = torch.zeros_like(input_ids_B_W)
@@ -91,6 +94,7 @@ class HFRolloutEngine:
         position_ids_A_S = (attention_mask_A_W.cumsum(-1) - 1).clamp(min=0)
         tokens_B_N = torch.full((B, N), self.pad_id, dtype=torch.long, device=device)
         logprobs_B_N = torch.zeros((B, N), device=device)
+        topk_B_N_K = torch.zeros((B, N, K), dtype=torch.long, device=device)
         stop_B = torch.zeros(B, dtype=torch.long, device=device)  # completion length if a stop was sampled, else 0
         stops_S = torch.tensor(self.stop_ids, device=device)
         rows_A = torch.arange(B, device=device)  # original row of each running (A) row
@@ -101,9 +105,11 @@ class HFRolloutEngine:
             logits_A_V = self.model(input_ids=input_ids_A_S, attention_mask=attention_mask_A_W,
                                     position_ids=position_ids_A_S, use_cache=True, logits_to_keep=1,
                                     **cache_kwargs).logits[:, -1, : self.vocab_size]
-            ids_A, logprobs_A = sample_next(logits_A_V, sampling, forbid_ids=stops_S if step < sampling.min_new_tokens
-                                            else None, generator=generator)
+            ids_A, logprobs_A, topk_A_K = _sample(logits_A_V, sampling, stops_S if step < sampling.min_new_tokens
+                                                  else None, generator)
             tokens_B_N[rows_A, step], logprobs_B_N[rows_A, step] = ids_A, logprobs_A
+            if K:
+                topk_B_N_K[rows_A, step] = topk_A_K
             running_A = ~torch.isin(ids_A, stops_S)
             if lockstep:  # every row stays: a sharded forward is a collective, so each rank runs all N of them
                 first_A = ~running_A & (stop_B[rows_A] == 0)
@@ -120,9 +126,10 @@ class HFRolloutEngine:
             position_ids_A_S = position_ids_A_S[:, -1:] + 1
             attention_mask_A_W = torch.cat([attention_mask_A_W, attention_mask_A_W.new_ones((len(rows_A), 1))], dim=1)
         tokens, logprobs, stops = tokens_B_N.tolist(), logprobs_B_N.tolist(), stop_B.tolist()
+        topk = topk_B_N_K.tolist() if K else None
         return [Rollout(prompt_ids=list(ids), completion_ids=tokens[row][: stops[row] or N],
                         sampler_logprobs=logprobs[row][: stops[row] or N], finish_reason="stop" if stops[row] else "length",
-                        prompt_index=prompt_index)
+                        prompt_index=prompt_index, sampler_topk_ids=topk[row][: stops[row] or N] if K else None)
                 for row, (prompt_index, ids) in enumerate(prompts)]
 
 
@@ -180,13 +187,20 @@ def sample_next(logits_A_V: torch.Tensor, sampling: Sampling, forbid_ids: torch.
     then top-p with the trainer's own threshold (`opd.kernels`), so the logprob equals `token_logprobs` recomputed on the same logits. Greedy
     takes the argmax of the raw logits and reports its logprob under softmax(logits).
     """
+    return _sample(logits_A_V, sampling, forbid_ids, generator)[:2]
+
+
+def _sample(logits_A_V: torch.Tensor, sampling: Sampling, forbid_ids: torch.Tensor | int | None,
+            generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """`sample_next`, and with `sampling.record_topk = K > 0` the K most likely ids of the very distribution
+    each token was drawn from (`[A, K]`, after the stops were removed and z scaled by τ), else None."""
     z_A_V = logits_A_V.float()
     if forbid_ids is not None:
         z_A_V[:, forbid_ids] = float("-inf")
     if sampling.greedy:
         logprobs_A_V = torch.log_softmax(z_A_V, dim=-1)
         ids_A = logprobs_A_V.argmax(-1)
-        return ids_A, logprobs_A_V.gather(-1, ids_A[:, None]).squeeze(1)
+        return ids_A, logprobs_A_V.gather(-1, ids_A[:, None]).squeeze(1), _topk_ids(logprobs_A_V, sampling)
     if sampling.temperature != 1.0:  # z / 1 is z: the division (a [rows, V] pass per token) is skipped
         z_A_V = z_A_V / sampling.temperature
     if (0 < sampling.top_k < z_A_V.shape[-1]) or sampling.top_p < 1.0:
@@ -202,4 +216,8 @@ def sample_next(logits_A_V: torch.Tensor, sampling: Sampling, forbid_ids: torch.
     if past_end_A.any():
         last_positive_A = z_A_V.shape[-1] - 1 - torch.isfinite(z_A_V).flip(-1).int().argmax(-1)
         ids_A = torch.where(past_end_A, last_positive_A, ids_A)
-    return ids_A, logprobs_A_V.gather(-1, ids_A[:, None]).squeeze(1)
+    return ids_A, logprobs_A_V.gather(-1, ids_A[:, None]).squeeze(1), _topk_ids(logprobs_A_V, sampling)
+
+
+def _topk_ids(logprobs_A_V: torch.Tensor, sampling: Sampling) -> torch.Tensor | None:
+    return logprobs_A_V.topk(sampling.record_topk, dim=-1).indices if sampling.record_topk else None

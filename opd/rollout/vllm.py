@@ -135,6 +135,9 @@ class VLLMRolloutEngine:
             self.load_weights(module)
 
     def _sampling_params(self, sampling: Sampling, n: int, seed: int):
+        if sampling.record_topk:
+            raise ValueError(f"record_topk={sampling.record_topk}: the vLLM rollout engine does not record the "
+                             "student's top-k ids (loss=student_topk_rkl); use rollout_backend=hf")
         if needs_processed_logprobs(sampling) and not self.processed:
             raise ValueError(f"sampling {sampling} needs the logprobs of the processed (temperature-scaled, "
                              "truncated) distribution, which this vLLM cannot return (no logprobs_mode); "
