@@ -41,6 +41,7 @@ def collate(rollouts: list[Rollout], scores: list[TeacherScores] | None, pad_id:
     for b, r in enumerate(rollouts):
         P, R = len(r.prompt_ids), len(r.completion_ids)
         sampler_B_T[b, P - 1 : P - 1 + R] = torch.tensor(r.sampler_logprobs)
+    student_topk_ids_B_T_K = _sampler_topk_ids(rollouts, L)
     teacher = dict.fromkeys(TEACHER_FIELDS) if scores is None else _teacher_fields(rollouts, scores, L)
     prompt_lens_B = torch.tensor([len(r.prompt_ids) for r in rollouts])
     completion_lens_B = torch.tensor([len(r.completion_ids) for r in rollouts])
@@ -51,11 +52,29 @@ def collate(rollouts: list[Rollout], scores: list[TeacherScores] | None, pad_id:
     return Batch(tokens_B_L=tokens_B_L, attention_mask_B_L=attention_mask_B_L, loss_mask_B_T=loss_mask_B_T,
                  sampler_logprobs_B_T=sampler_B_T, prompt_index_B=torch.tensor([r.prompt_index for r in rollouts]),
                  prompt_lens_B=prompt_lens_B, completion_lens_B=completion_lens_B, advantages_B_T=advantages_B_T,
-                 kl_coef_B=None if kl_coef_B is None else kl_coef_B.float(), **teacher)
+                 kl_coef_B=None if kl_coef_B is None else kl_coef_B.float(), student_topk_ids_B_T_K=student_topk_ids_B_T_K,
+                 **teacher)
 
 
 TEACHER_FIELDS = ("teacher_logprobs_B_T", "teacher_topk_ids_B_T_K", "teacher_topk_logprobs_B_T_K",
-                  "teacher_logits_B_T_V", "teacher_hidden_B_T_H")
+                  "teacher_logits_B_T_V", "teacher_hidden_B_T_H", "teacher_logprobs_at_student_topk_B_T_K")
+
+
+def _sampler_topk_ids(rollouts: list[Rollout], L: int) -> torch.Tensor | None:
+    """student_topk_ids_B_T_K: each row's recorded top-K ids at its completion targets, 0 elsewhere (None: not recorded)."""
+    recorded = [r.sampler_topk_ids is not None for r in rollouts]
+    if not any(recorded):
+        return None
+    K = {len(ids) for r in rollouts for ids in (r.sampler_topk_ids or [])}
+    if not all(recorded) or len(K) > 1:
+        raise ValueError(f"sampler top-k ids: rows {[b for b, ok in enumerate(recorded) if not ok]} have none; every "
+                         f"row needs them, with one K (got K = {sorted(K)})")
+    ids_B_T_K = torch.zeros((len(rollouts), L - 1, K.pop() if K else 0), dtype=torch.long)
+    for b, r in enumerate(rollouts):
+        P, R = len(r.prompt_ids), len(r.completion_ids)
+        if R:
+            ids_B_T_K[b, P - 1 : P - 1 + R] = torch.tensor(r.sampler_topk_ids, dtype=torch.long)
+    return ids_B_T_K
 
 
 def _teacher_fields(rollouts: list[Rollout], scores: list[TeacherScores], L: int) -> dict[str, torch.Tensor | None]:
@@ -63,7 +82,9 @@ def _teacher_fields(rollouts: list[Rollout], scores: list[TeacherScores], L: int
     B = len(rollouts)
     teacher_B_T = torch.zeros((B, L - 1))
     first = scores[0]
-    topk_ids_B_T_K = topk_lp_B_T_K = logits_B_T_V = None
+    topk_ids_B_T_K = topk_lp_B_T_K = logits_B_T_V = at_topk_B_T_K = None
+    if first.logprobs_at_sampler_topk_R_K is not None:
+        at_topk_B_T_K = torch.full((B, L - 1, first.logprobs_at_sampler_topk_R_K.shape[-1]), float("-inf"))
     if first.topk_ids_R_K is not None:
         K = first.topk_ids_R_K.shape[-1]
         topk_ids_B_T_K = torch.zeros((B, L - 1, K), dtype=torch.long)
@@ -89,6 +110,11 @@ def _teacher_fields(rollouts: list[Rollout], scores: list[TeacherScores], L: int
             logits_B_T_V[b, span] = s.logits_R_V
         if hidden_B_T_H is not None:
             hidden_B_T_H[b, span] = s.hidden_R_H
-    return dict(zip(TEACHER_FIELDS, (teacher_B_T, topk_ids_B_T_K, topk_lp_B_T_K, logits_B_T_V, hidden_B_T_H),
-                    strict=True))
+        if at_topk_B_T_K is not None:
+            if R and not torch.isfinite(s.logprobs_at_sampler_topk_R_K).all():
+                raise ValueError(f"row {b}: teacher logprob at the student's top-k ids is not finite at completion "
+                                 f"positions {(~torch.isfinite(s.logprobs_at_sampler_topk_R_K)).any(-1).nonzero().flatten().tolist()}")
+            at_topk_B_T_K[b, span] = s.logprobs_at_sampler_topk_R_K
+    return dict(zip(TEACHER_FIELDS, (teacher_B_T, topk_ids_B_T_K, topk_lp_B_T_K, logits_B_T_V, hidden_B_T_H,
+                                     at_topk_B_T_K), strict=True))
 

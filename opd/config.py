@@ -13,10 +13,10 @@ from typing import Any
 
 from opd.precision import check_device
 from opd.rollout import Sampling
-from opd.teachers import SELF, check_self_teacher, check_teachers
+from opd.teachers import SELF, check_self_teacher, check_teachers, teacher_specs
 from opd.vllm_setup import check_temperature
 
-LOSSES = ("reverse_kl", "topk_kl", "jsd", "cross_entropy")  # cross_entropy: off-policy, the teacher samples
+LOSSES = ("reverse_kl", "topk_kl", "jsd", "cross_entropy", "student_topk_rkl")  # cross_entropy: off-policy
 SCHEDULES = ("constant", "cosine", "linear")
 TASKS = ("arithmetic", "arithmetic_privileged", "gsm8k", "gsm8k_privileged")
 BACKENDS = ("hf", "vllm")
@@ -74,12 +74,13 @@ class TrainConfig:
     self_teacher_every: int = 10  # snapshot: optimizer steps between copies
     self_teacher_ema: float = 0.99  # ema: the decay d of θ_T ← d·θ_T + (1 - d)·θ_S after every optimizer step
     # loss
-    loss: str = "reverse_kl"  # sampled-token reverse KL (IS policy gradient), "topk_kl", "jsd"; "cross_entropy" = off-policy
+    loss: str = "reverse_kl"  # sampled-token reverse KL (IS policy gradient), "topk_kl", "jsd", "student_topk_rkl"; "cross_entropy" = off-policy
     kl_coef: float = 1.0  # c (pure OPD) or λ (OPD + task reward) on the per-token reverse-KL advantage
     discount: float = 0.0  # γ: discounted future sum of the per-token reverse-KL term (0 = per token)
     log_ratio_cap: float = 20.0  # clamp on log π_θ - p in the importance ratio
     topk: int = 20  # K for the teacher top-k forward KL
     tail_bucket: bool = False  # add the (1 - teacher top-k mass) tail term to the top-k KL
+    student_topk: int = 20  # K for student_topk_rkl: the reverse KL over the student's own top-K ids + a tail bucket
     jsd_beta: float = 0.5  # β of the generalized JSD: 0 forward KL, 1 reverse KL
     loss_temperature: float | None = None  # temperature of top-k KL / JSD (None: set to `temperature` on construction)
     task_reward: bool = False  # add GRPO advantages from the task grader (OPD + RL mix)
@@ -132,7 +133,8 @@ class TrainConfig:
     @property
     def sampling(self) -> Sampling:
         return Sampling(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
-                        max_new_tokens=self.max_new_tokens, min_new_tokens=self.min_new_tokens)
+                        max_new_tokens=self.max_new_tokens, min_new_tokens=self.min_new_tokens,
+                        record_topk=self.student_topk if self.loss == "student_topk_rkl" else 0)
 
     def validate(self) -> TrainConfig:
         """Raise ValueError naming the field and the fix for any bad value or combination."""
@@ -153,7 +155,7 @@ class TrainConfig:
             raise ValueError(f"stop_token_ids must be token ids >= 0, got {list(self.stop_token_ids)}")
         check_device(self.device)
         for name in ("prompts_per_step", "completions_per_prompt", "max_new_tokens", "micro_batch_size",
-                     "topk", "train_size", "eval_size"):
+                     "topk", "student_topk", "train_size", "eval_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if type(self.updates_per_batch) is not int or self.updates_per_batch < 1:
@@ -187,12 +189,14 @@ class TrainConfig:
         if self.loss == "cross_entropy":
             check_offpolicy_config(self)
         if self.top_k or self.top_p < 1.0:
-            if self.loss in ("topk_kl", "jsd"):
+            if self.loss in ("topk_kl", "jsd", "student_topk_rkl"):
                 raise ValueError("top_k/top_p truncation is only supported with loss=reverse_kl: the divergence "
                                  "losses compare full distributions, which truncation would make undefined")
         # vLLM backends (#25): what vLLM would refuse at the first step, refused before any model loads
         if self.rollout_backend == "vllm":
             check_temperature(self.temperature, "temperature (rollout_backend=vllm)")
+        if self.loss == "student_topk_rkl":
+            check_student_topk_rkl(self)
         scored_at = {self.temperature} | ({self.loss_temperature} if self.loss == "topk_kl" else set())
         if self.teacher_backend == "served" and scored_at != {1.0}:
             raise ValueError(f"teacher_backend=served scores at temperature 1 only (vLLM's prompt logprobs are of the "
@@ -261,6 +265,20 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def check_student_topk_rkl(config: TrainConfig) -> None:
+    """loss=student_topk_rkl needs the student's top-k ids recorded by its sampler (rollout_backend=hf) and the
+    teacher's logprobs at those ids, which only an in-process teacher returns (docs/design.md §4)."""
+    if config.rollout_backend != "hf":
+        raise ValueError("loss=student_topk_rkl needs the student's top-k ids of each sampled position, which only "
+                         "rollout_backend=hf records; set rollout_backend=hf")
+    for name, spec in teacher_specs(config).items():
+        if spec.backend != "hf":
+            where = "teacher_backend" if not config.teachers else f"teachers.{name}.backend"
+            raise ValueError(f"loss=student_topk_rkl needs the teacher's logprobs at the student's top-k ids; "
+                             f"{where}={spec.backend} returns only its own top-k (prompt_logprobs): use an "
+                             f"in-process teacher ({where}=hf)")
 
 
 def check_offpolicy_config(config: TrainConfig) -> None:

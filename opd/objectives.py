@@ -17,7 +17,7 @@ from opd.forward import active_features, masked_token_logprobs, model_head
 from opd.heads import IDENTITY
 from opd.kernels import gathered_logprobs, head_vocab, jsd_loss
 from opd.losses import (checked_topk_ids, cross_entropy_loss, importance_sampling_loss, opsm_mask, ppo_clip_loss,
-                        reverse_kl_advantages, topk_forward_kl_terms)
+                        reverse_kl_advantages, student_topk_rkl_terms, topk_forward_kl_terms)
 from opd.types import Batch, Rollout
 
 # An objective: (student, micro-batch, step-global token count, the teacher's head or None) -> (loss, metrics).
@@ -37,12 +37,14 @@ def teacher_scores(scorer, rollouts: list[Rollout], config: TrainConfig) -> list
     """The teacher's logprob q of each sampled token at τ, and what the loss compares at its temperature.
 
     docs/design.md §4: both sides of a divergence use one temperature. The top-k forward KL's student side
-    is at `loss_temperature`, so the teacher's top-k is scored at it too; when that differs
-    from τ, a second pass keeps q (a metric here) at τ. JSD takes raw teacher logits and scales both.
+    is at `loss_temperature`, so the teacher's top-k (student_topk_rkl: its logprobs at the student's recorded
+    top-k ids) is scored at it too; when that differs from τ, a second pass keeps q (a metric here) at τ.
+    JSD takes raw teacher logits and scales both.
     """
-    if config.loss != "topk_kl":
+    if config.loss not in ("topk_kl", "student_topk_rkl"):
         return scorer.score(rollouts, config.temperature, full_logits=config.loss == "jsd")
-    scores = scorer.score(rollouts, config.loss_temperature, topk=config.topk)
+    extra = dict(topk=config.topk) if config.loss == "topk_kl" else dict(at_sampler_topk=True)
+    scores = scorer.score(rollouts, config.loss_temperature, **extra)
     if config.loss_temperature != config.temperature:
         scores = [dataclasses.replace(s, logprobs_R=at_tau.logprobs_R)
                   for s, at_tau in zip(scores, scorer.score(rollouts, config.temperature), strict=True)]
@@ -118,6 +120,24 @@ def topk_kl_micro_loss(student: torch.nn.Module, micro: Batch, config: TrainConf
                                  sampled_ids_B_T=micro.tokens_B_L[:, 1:][active_B_T])
 
 
+def student_topk_rkl_micro_loss(student: torch.nn.Module, micro: Batch, config: TrainConfig, num_tokens: int,
+                                vocab_size: int | None = None, teacher_head=None) -> tuple[torch.Tensor, dict]:
+    """`losses.student_topk_rkl_loss` on the loss-mask rows: ℓ at the student's recorded top-k ids from its features
+    and head through the chunked kernel (`kernels.gathered_logprobs`, no `[N, V]` logits), at `loss_temperature`."""
+    if micro.student_topk_ids_B_T_K is None or micro.teacher_logprobs_at_student_topk_B_T_K is None:
+        raise ValueError("loss=student_topk_rkl needs Batch.student_topk_ids_B_T_K and "
+                         "teacher_logprobs_at_student_topk_B_T_K: sample with record_topk=student_topk and score "
+                         "with at_sampler_topk=True (objectives.teacher_scores)")
+    features_N_X, head, active_B_T = student_features(student, micro, vocab_size)
+    ids_N_K = micro.student_topk_ids_B_T_K[active_B_T]
+    nu_N_K = micro.teacher_logprobs_at_student_topk_B_T_K[active_B_T]
+    mask_N = micro.loss_mask_B_T[active_B_T]
+    V = head_vocab(head, features_N_X) if features_N_X.shape[0] else 1
+    checked_N_K = checked_topk_ids(ids_N_K, nu_N_K, mask_N, V, (*mask_N.shape, V), "student top-k")
+    ell_N_K = gathered_logprobs(features_N_X, head, checked_N_K, config.loss_temperature)
+    return student_topk_rkl_terms(ell_N_K, nu_N_K, mask_N, num_tokens)
+
+
 def jsd_micro_loss(student: torch.nn.Module, micro: Batch, config: TrainConfig, num_tokens: int,
                    vocab_size: int | None = None, teacher_head=None) -> tuple[torch.Tensor, dict]:
     """The full-vocabulary JSD on the loss-mask rows, from either form of the teacher's logits (docs/design.md §3).
@@ -151,4 +171,4 @@ def cross_entropy_micro_loss(student: torch.nn.Module, micro: Batch, config: Tra
 
 # config.loss -> its objective; every entry takes (student, micro, config, num_tokens, vocab_size, teacher_head)
 OBJECTIVES = {"reverse_kl": reverse_kl_micro_loss, "topk_kl": topk_kl_micro_loss, "jsd": jsd_micro_loss,
-              "cross_entropy": cross_entropy_micro_loss}
+              "cross_entropy": cross_entropy_micro_loss, "student_topk_rkl": student_topk_rkl_micro_loss}

@@ -46,6 +46,6 @@ def own_scores(samples: list[Rollout]) -> list[TeacherScores]:
 class OwnScores:
     """The off-policy run's teacher scorer: the teacher's samples carry their scores (`own_scores`)."""
 
-    def score(self, rollouts: list[Rollout], temperature: float, topk: int = 0,
-              full_logits: bool = False) -> list[TeacherScores]:
+    def score(self, rollouts: list[Rollout], temperature: float, topk: int = 0, full_logits: bool = False,
+              at_sampler_topk: bool = False) -> list[TeacherScores]:
         return own_scores(rollouts)

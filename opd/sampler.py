@@ -93,6 +93,9 @@ def make_sampler(config: TrainConfig, data: Data, teachers: Teachers, student, t
     Each row's teacher prompt is rendered in the template of the teacher it is routed to.
     """
     on_policy = config.loss != "cross_entropy"
+    if config.sampling.record_topk > len(tokenizer):
+        raise ValueError(f"student_topk={config.student_topk} exceeds the student's vocabulary of {len(tokenizer)} "
+                         f"tokens; set student_topk to at most {len(tokenizer)}")
     model, model_tokenizer = (student, tokenizer) if on_policy else teachers.only()
     engine = make_rollout_engine(config.rollout_backend, model, model_tokenizer, seed=config.seed)
     teacher_of = LazyList(len(data.train), lambda i: route_of(data.train[i], config))

@@ -1,7 +1,7 @@
 """The data contract between stages (docs/design.md §3). Validation of shapes only, no logic.
 
 Axes: B sequences, L tokens (prompt + completion, right-padded), T = L - 1 target
-positions, K teacher top-k, V vocabulary. Position t of every `_B_T` tensor predicts
+positions, K top-k (the teacher's, or the student's), V vocabulary. Position t of every `_B_T` tensor predicts
 `tokens_B_L[:, t + 1]`.
 """
 
@@ -77,6 +77,10 @@ class Batch:
     # The same in factored form (in-process teachers): logits = teacher_head(teacher_hidden_B_T_H), the head
     # passed beside the batch (`scorer.head`, docs/design.md §3). 0 where masked.
     teacher_hidden_B_T_H: torch.Tensor | None = None
+    # loss=student_topk_rkl only: the student's top-K ids the sampler recorded at each position (long, 0 where
+    # masked) and the teacher's logprobs at them (float32, -inf where masked)
+    student_topk_ids_B_T_K: torch.Tensor | None = None
+    teacher_logprobs_at_student_topk_B_T_K: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         B, L = self.tokens_B_L.shape
@@ -88,7 +92,7 @@ class Batch:
             if value is not None and tuple(value.shape) != shape:
                 raise ValueError(f"Batch.{name} has shape {tuple(value.shape)}, expected {shape}")
         for name in ("teacher_topk_ids_B_T_K", "teacher_topk_logprobs_B_T_K", "teacher_logits_B_T_V",
-                     "teacher_hidden_B_T_H"):
+                     "teacher_hidden_B_T_H", "student_topk_ids_B_T_K", "teacher_logprobs_at_student_topk_B_T_K"):
             value = getattr(self, name)
             if value is not None and tuple(value.shape[:2]) != (B, L - 1):
                 raise ValueError(f"Batch.{name} has shape {tuple(value.shape)}, expected ({B}, {L - 1}, ...)")

@@ -24,6 +24,8 @@ class TeacherScores:
     # The same logits in factored form (in-process teachers): `scorer.head(hidden_R_H)`; the head stays with
     # the scorer, so no [R, V] tensor is stored and the scores are plain data.
     hidden_R_H: torch.Tensor | None = None
+    # float32 [R, K], its logprobs at the student's top-k ids of each position (`Rollout.sampler_topk_ids`)
+    logprobs_at_sampler_topk_R_K: torch.Tensor | None = None
 
     def full_logits(self, head=None) -> torch.Tensor | None:
         """logits_R_V, from either form (float32 on the CPU; `head`: the scorer's, for the factored form)."""
@@ -34,10 +36,19 @@ class TeacherScores:
             return head(self.hidden_R_H.to(device)).float().cpu()
 
 
+NEEDS_LOGPROBS_AT_IDS = ("loss=student_topk_rkl needs the teacher's logprobs at the student's top-k ids of each "
+                         "position; this teacher backend returns only its own top-k (prompt_logprobs): use an "
+                         "in-process teacher (teacher_backend=hf)")
+
+
 class TeacherScorer(Protocol):
-    def score(self, rollouts: list[Rollout], temperature: float, topk: int = 0,
-              full_logits: bool = False) -> list[TeacherScores] | None:
-        """Teacher logprobs at `temperature` of each rollout's completion under its teacher prompt (None: no teacher)."""
+    def score(self, rollouts: list[Rollout], temperature: float, topk: int = 0, full_logits: bool = False,
+              at_sampler_topk: bool = False) -> list[TeacherScores] | None:
+        """Teacher logprobs at `temperature` of each rollout's completion under its teacher prompt (None: no teacher).
+
+        `at_sampler_topk`: also its logprobs at each position's `rollout.sampler_topk_ids` (arbitrary given ids per
+        position, loss=student_topk_rkl); a backend that cannot return them raises `NEEDS_LOGPROBS_AT_IDS`.
+        """
         ...
 
     def generate_greedy(self, prompts_P: list[list[int]], max_new_tokens: int) -> list[list[int]]:
@@ -73,7 +84,8 @@ class NoTeacher:
     allows it only with task_reward=true and kl_coef=0.
     """
 
-    def score(self, rollouts: list[Rollout], temperature: float, topk: int = 0, full_logits: bool = False) -> None:
+    def score(self, rollouts: list[Rollout], temperature: float, topk: int = 0, full_logits: bool = False,
+              at_sampler_topk: bool = False) -> None:
         return None
 
     def generate_greedy(self, prompts_P: list[list[int]], max_new_tokens: int) -> list[list[int]]:

@@ -19,7 +19,7 @@ import torch
 from opd.batch import right_pad
 from opd.forward import active_features, model_head
 from opd.heads import IDENTITY
-from opd.kernels import gathered_logprobs, teacher_topk
+from opd.kernels import gathered_logprobs, head_vocab, teacher_topk
 from opd.logprobs import completion_mask
 from opd.teacher import TeacherScores
 from opd.types import Rollout
@@ -46,12 +46,14 @@ def freeze(model: torch.nn.Module) -> torch.nn.Module:
 @torch.inference_mode()
 def score_tokens(model: torch.nn.Module, prompts: list[list[int]], completions: list[list[int]], temperature: float,
                  topk: int = 0, full_logits: bool = False, batch_size: int = 64, vocab_size: int | None = None,
-                 groups: list[int] | None = None) -> list[TeacherScores]:
+                 groups: list[int] | None = None, at_ids: list[list[list[int]]] | None = None) -> list[TeacherScores]:
     """`model`'s view of each completion after its prompt, at `temperature`, aligned with the completion.
 
     `vocab_size` = len(tokenizer): logits past it (a padded embedding) are dropped before any
     softmax; None keeps every output row. `groups`: rows of one group share their prompt, which then
-    runs once (None: every row is its own group).
+    runs once (None: every row is its own group). `at_ids`: per row, K given ids at each completion position
+    (the student's top-k, `Rollout.sampler_topk_ids`): their logprobs come back as `logprobs_at_sampler_topk_R_K`,
+    from the same log-softmax at `temperature` as the sampled token's, in one gather.
     """
     if temperature <= 0:
         raise ValueError(f"scoring temperature must be > 0, got {temperature}")
@@ -59,17 +61,20 @@ def score_tokens(model: torch.nn.Module, prompts: list[list[int]], completions: 
         raise ValueError(f"{len(prompts)} prompts for {len(completions)} completions and "
                          f"{None if groups is None else len(groups)} groups")
     groups = list(range(len(prompts))) if groups is None else groups
+    if at_ids is not None and (len(at_ids) != len(prompts) or topk):
+        raise ValueError(f"at_ids: {len(at_ids)} rows of ids for {len(prompts)} prompts, with topk={topk}: give one "
+                         "row per prompt, and either the teacher's own top-k or given ids, not both")
     head = model_head(model, vocab_size)
     scores = []
     for start in range(0, len(prompts), batch_size):
         chunk = slice(start, start + batch_size)
         scores += _score_chunk(model, head, prompts[chunk], completions[chunk], groups[chunk], temperature, topk,
-                               full_logits, vocab_size)
+                               full_logits, vocab_size, None if at_ids is None else at_ids[chunk])
     return scores
 
 
 def _score_chunk(model, head, prompts, completions, groups, temperature, topk, full_logits,
-                 vocab_size) -> list[TeacherScores]:
+                 vocab_size, at_ids=None) -> list[TeacherScores]:
     """The head runs at the completion tokens only (no `[B, T, V]` logits for prompts or padding), each
     distinct prompt once; without a head (`forward.model_head` is None) the logits rows take its place."""
     device = next(model.parameters()).device
@@ -82,8 +87,12 @@ def _score_chunk(model, head, prompts, completions, groups, temperature, topk, f
     features_N_X = active_features(model, head, tokens_B_L, attention_mask_B_L, active_B_T, vocab_size,
                                    prompt_lens_B, completion_lens_B, torch.tensor(groups))  # row by row, in order
     targets_N, kernel_head = tokens_B_L[:, 1:][active_B_T], head or IDENTITY
-    topk_lp_R_K = topk_ids_R_K = [None] * len(lengths)
-    if topk:
+    topk_lp_R_K = topk_ids_R_K = at_R_K = [None] * len(lengths)
+    if at_ids is not None:  # one gather: the sampled token's logprob, then the K given ids'
+        both_N_K1 = gathered_logprobs(features_N_X, kernel_head, torch.cat([targets_N[:, None], _given_ids(
+            at_ids, lengths, features_N_X, kernel_head)], dim=1), temperature)
+        logprobs_N, at_R_K = both_N_K1[:, 0], both_N_K1[:, 1:].cpu().split(lengths)
+    elif topk:
         logprobs_N, topk_lp_N_K, topk_ids_N_K = teacher_topk(features_N_X, kernel_head, targets_N, temperature, topk)
         topk_lp_R_K, topk_ids_R_K = topk_lp_N_K.cpu().split(lengths), topk_ids_N_K.cpu().split(lengths)
     else:
@@ -94,9 +103,24 @@ def _score_chunk(model, head, prompts, completions, groups, temperature, topk, f
     elif full_logits:
         logits_R_V = kernel_head(features_N_X).float().cpu().split(lengths)
     return [TeacherScores(logprobs_R=lp.clone(), topk_ids_R_K=_cloned(ids), topk_logprobs_R_K=_cloned(tlp),
-                          logits_R_V=_cloned(logits), hidden_R_H=_cloned(hidden))
-            for lp, ids, tlp, logits, hidden in zip(logprobs_N.cpu().split(lengths), topk_ids_R_K, topk_lp_R_K,
-                                                    logits_R_V, hidden_R_H, strict=True)]
+                          logits_R_V=_cloned(logits), hidden_R_H=_cloned(hidden), logprobs_at_sampler_topk_R_K=_cloned(at))
+            for lp, ids, tlp, logits, hidden, at in zip(logprobs_N.cpu().split(lengths), topk_ids_R_K, topk_lp_R_K,
+                                                        logits_R_V, hidden_R_H, at_R_K, strict=True)]
+
+
+def _given_ids(at_ids: list[list[list[int]]], lengths: list[int], features_N_X: torch.Tensor, head) -> torch.Tensor:
+    """ids_N_K: the rows' given ids, row-major like the features, checked against the teacher's vocabulary."""
+    for row, (ids, R) in enumerate(zip(at_ids, lengths, strict=True)):
+        if ids is None or len(ids) != R:
+            raise ValueError(f"row {row}: {None if ids is None else len(ids)} positions of given ids for {R} "
+                             f"completion tokens (rollouts need sampler_topk_ids: Sampling.record_topk)")
+    ids_N_K = torch.tensor([k for row in at_ids for k in row], dtype=torch.long, device=features_N_X.device)
+    V = head_vocab(head, features_N_X) if features_N_X.shape[0] else 1
+    if ids_N_K.numel() and (ids_N_K.min() < 0 or ids_N_K.max() >= V):
+        raise ValueError(f"a student top-k id ({int(ids_N_K.max())}) is outside the teacher's vocabulary [0, {V}): "
+                         "loss=student_topk_rkl needs every student token to be a teacher token")
+    K = next((len(k) for row in at_ids for k in row), 0)
+    return ids_N_K.reshape(features_N_X.shape[0], K)
 
 
 def _cloned(x: torch.Tensor | None) -> torch.Tensor | None:
@@ -118,11 +142,13 @@ class HFTeacherScorer:
         # what makes logits of the hidden states `score(full_logits=True)` returns; None: it returns logits
         self.head = model_head(self.model, vocab_size)
 
-    def score(self, rollouts: list[Rollout], temperature: float, topk: int = 0, full_logits: bool = False) -> list[TeacherScores]:
+    def score(self, rollouts: list[Rollout], temperature: float, topk: int = 0, full_logits: bool = False,
+              at_sampler_topk: bool = False) -> list[TeacherScores]:
         with evaluating(self.model):  # a borrowed model may be in train mode (its prompt cache is off there)
             return score_tokens(self.model, [r.teacher_prompt_ids for r in rollouts], [r.completion_ids for r in rollouts],
                                 temperature, topk=topk, full_logits=full_logits, batch_size=self.batch_size,
-                                vocab_size=self.vocab_size, groups=[r.prompt_index for r in rollouts])
+                                vocab_size=self.vocab_size, groups=[r.prompt_index for r in rollouts],
+                                at_ids=[r.sampler_topk_ids for r in rollouts] if at_sampler_topk else None)
 
     def generate_greedy(self, prompts_P: list[list[int]], max_new_tokens: int) -> list[list[int]]:
         from opd.rollout import Sampling

@@ -53,16 +53,18 @@ class RoutedScorer:
         only = next(iter(scorers.values())) if len(scorers) == 1 else None
         self.head = getattr(only, "head", None)
 
-    def score(self, rollouts: list[Rollout], temperature: float, topk: int = 0,
-              full_logits: bool = False) -> list[TeacherScores] | None:
+    def score(self, rollouts: list[Rollout], temperature: float, topk: int = 0, full_logits: bool = False,
+              at_sampler_topk: bool = False) -> list[TeacherScores] | None:
+        extra = dict(at_sampler_topk=True) if at_sampler_topk else {}  # only then: a scorer may predate the keyword
         if len(self.scorers) == 1:
-            return next(iter(self.scorers.values())).score(rollouts, temperature, topk=topk, full_logits=full_logits)
+            return next(iter(self.scorers.values())).score(rollouts, temperature, topk=topk, full_logits=full_logits,
+                                                           **extra)
         out: list[TeacherScores | None] = [None] * len(rollouts)
         for name, rows in rows_by_teacher(rollouts).items():
             if name not in self.scorers:
                 raise ValueError(f"rollout routed to teacher {name!r}, the run has {', '.join(self.scorers)}")
             scorer = self.scorers[name]
-            scores = scorer.score([rollouts[i] for i in rows], temperature, topk=topk, full_logits=full_logits)
+            scores = scorer.score([rollouts[i] for i in rows], temperature, topk=topk, full_logits=full_logits, **extra)
             for i, s in zip(rows, scores, strict=True):
                 out[i] = as_logits(s, getattr(scorer, "head", None)) if full_logits else s
         return out

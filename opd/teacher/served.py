@@ -26,7 +26,7 @@ import urllib.request
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
-from opd.teacher import TeacherScores
+from opd.teacher import NEEDS_LOGPROBS_AT_IDS, TeacherScores
 from opd.teacher.vllm import check_prompt_logprob_temperature, parse_prompt_logprobs, split_by_tokens
 from opd.types import Rollout
 
@@ -217,8 +217,10 @@ class ServedTeacherScorer:
         with ThreadPoolExecutor(max_workers=max(len(parts), 1)) as pool:
             return [item for part_items in pool.map(run, range(len(parts))) for item in part_items]
 
-    def score(self, rollouts: list[Rollout], temperature: float, topk: int = 0, full_logits: bool = False
-              ) -> list[TeacherScores]:
+    def score(self, rollouts: list[Rollout], temperature: float, topk: int = 0, full_logits: bool = False,
+              at_sampler_topk: bool = False) -> list[TeacherScores]:
+        if at_sampler_topk:
+            raise ValueError(NEEDS_LOGPROBS_AT_IDS)
         if full_logits:
             raise ValueError("a served teacher cannot return full-vocabulary logits; use teacher_backend='hf'")
         check_prompt_logprob_temperature(temperature, supported=False)

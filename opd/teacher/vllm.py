@@ -26,7 +26,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from opd import vllm_setup
-from opd.teacher import TeacherScores
+from opd.teacher import NEEDS_LOGPROBS_AT_IDS, TeacherScores
 from opd.types import Rollout
 
 HTTP_NEG_INF = -9999.0  # vLLM's JSON stand-in for -inf
@@ -212,8 +212,10 @@ class VLLMTeacherScorer:
                 raise ValueError(f"row {row}: {len(seq)} tokens + {extra} generated exceed the teacher engine's "
                                  f"max_model_len={min(self.max_model_lens)}")
 
-    def score(self, rollouts: list[Rollout], temperature: float, topk: int = 0, full_logits: bool = False
-              ) -> list[TeacherScores]:
+    def score(self, rollouts: list[Rollout], temperature: float, topk: int = 0, full_logits: bool = False,
+              at_sampler_topk: bool = False) -> list[TeacherScores]:
+        if at_sampler_topk:
+            raise ValueError(NEEDS_LOGPROBS_AT_IDS)
         if full_logits:
             raise ValueError("the vLLM teacher cannot return full-vocabulary logits; use teacher_backend='hf' "
                              "for full-vocabulary losses")
