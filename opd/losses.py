@@ -245,7 +245,10 @@ def _floored(x: Tensor, floor: float = TAIL_FLOOR) -> Tensor:
 
 def student_topk_reverse_kl(student_logprobs_at_ids_N_K: Tensor,
                             teacher_logprobs_at_ids_N_K: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Per row `(L_N, S_N, Q_N)`: the exact reverse KL of the (K+1)-bucket coarsenings (verl #7806).
+    """Per row `(L_N, S_N, Q_N)`: the exact reverse KL of the (K+1)-bucket coarsenings.
+
+    Reverse KL over the student's top-k as in verl PR #7806 (open; verl #6676 asks for it renormalized over
+    the K ids instead), here with one tail bucket, so it is a true divergence:
 
         ℓ_k = log π(v_k), ν_k = log q(v_k) at the student's top-K ids v_k;  S = Σ_k e^ℓ_k, Q = Σ_k e^ν_k
         L = Σ_k e^ℓ_k (ℓ_k - ν_k) + (1 - S)(log(1 - S) - log(1 - Q)) = KL(π̃ ‖ q̃)

@@ -1,7 +1,7 @@
 """loss=student_topk_rkl: the exact reverse KL over the student's top-K ids plus one tail bucket (issue #23).
 
     L_t = Σ_k e^ℓ_k (ℓ_k - ν_k) + (1 - S)(log(1 - S) - log(1 - Q)),  S = Σ_k e^ℓ_k, Q = Σ_k e^ν_k
-at the student's top-K ids: KL(π̃ ‖ q̃) of the (K+1)-bucket coarsenings (verl #7806).
+at the student's top-K ids: KL(π̃ ‖ q̃) of the (K+1)-bucket coarsenings (verl PR #7806, request #6676).
 """
 
 import math
