@@ -52,8 +52,8 @@ def collate(rollouts: list[Rollout], scores: list[TeacherScores] | None, pad_id:
     return Batch(tokens_B_L=tokens_B_L, attention_mask_B_L=attention_mask_B_L, loss_mask_B_T=loss_mask_B_T,
                  sampler_logprobs_B_T=sampler_B_T, prompt_index_B=torch.tensor([r.prompt_index for r in rollouts]),
                  prompt_lens_B=prompt_lens_B, completion_lens_B=completion_lens_B, advantages_B_T=advantages_B_T,
-                 kl_coef_B=None if kl_coef_B is None else kl_coef_B.float(), student_topk_ids_B_T_K=student_topk_ids_B_T_K,
-                 **teacher)
+                 kl_coef_B=None if kl_coef_B is None else kl_coef_B.float(),
+                 student_topk_ids_B_T_K=student_topk_ids_B_T_K, **teacher)
 
 
 TEACHER_FIELDS = ("teacher_logprobs_B_T", "teacher_topk_ids_B_T_K", "teacher_topk_logprobs_B_T_K",
@@ -61,7 +61,10 @@ TEACHER_FIELDS = ("teacher_logprobs_B_T", "teacher_topk_ids_B_T_K", "teacher_top
 
 
 def _sampler_topk_ids(rollouts: list[Rollout], L: int) -> torch.Tensor | None:
-    """student_topk_ids_B_T_K: each row's recorded top-K ids at its completion targets, 0 elsewhere (None: not recorded)."""
+    """student_topk_ids_B_T_K: each row's recorded top-K ids at its completion targets, 0 elsewhere.
+
+    None when no rollout recorded them (every loss but student_topk_rkl).
+    """
     recorded = [r.sampler_topk_ids is not None for r in rollouts]
     if not any(recorded):
         return None
@@ -111,9 +114,10 @@ def _teacher_fields(rollouts: list[Rollout], scores: list[TeacherScores], L: int
         if hidden_B_T_H is not None:
             hidden_B_T_H[b, span] = s.hidden_R_H
         if at_topk_B_T_K is not None:
-            if R and not torch.isfinite(s.logprobs_at_sampler_topk_R_K).all():
+            bad_R = ~torch.isfinite(s.logprobs_at_sampler_topk_R_K).all(-1)
+            if bad_R.any():
                 raise ValueError(f"row {b}: teacher logprob at the student's top-k ids is not finite at completion "
-                                 f"positions {(~torch.isfinite(s.logprobs_at_sampler_topk_R_K)).any(-1).nonzero().flatten().tolist()}")
+                                 f"positions {bad_R.nonzero().flatten().tolist()}")
             at_topk_B_T_K[b, span] = s.logprobs_at_sampler_topk_R_K
     return dict(zip(TEACHER_FIELDS, (teacher_B_T, topk_ids_B_T_K, topk_lp_B_T_K, logits_B_T_V, hidden_B_T_H,
                                      at_topk_B_T_K), strict=True))

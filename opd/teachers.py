@@ -74,7 +74,7 @@ def check_teachers(config) -> None:
     specs = teacher_specs(config)
     if config.loss == "cross_entropy":
         raise ValueError("teachers: off-policy distillation (loss=cross_entropy) samples from one teacher; route "
-                         "rows to several teachers with an on-policy loss (reverse_kl, topk_kl, jsd)")
+                         "rows to several teachers with an on-policy loss (reverse_kl, topk_kl, jsd, student_topk_rkl)")
     if config.teacher_backend == "none":
         raise ValueError("teachers: with teacher_backend=none (pure GRPO) there is no teacher to route to")
     for name, s in specs.items():

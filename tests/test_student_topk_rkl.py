@@ -202,6 +202,10 @@ def test_teacher_gather_batch_and_objective_equal_the_spec_on_real_models(studen
     assert set(metrics) == {"opd/student_topk_rkl", "opd/student_topk_mass", "opd/teacher_mass_at_student_topk"}
     assert 0 < metrics["opd/student_topk_mass"] <= 1 and 0 < metrics["opd/teacher_mass_at_student_topk"] <= 1
     torch.testing.assert_close(metrics["opd/student_topk_rkl"], spec_metrics["opd/student_topk_rkl"], rtol=1e-4, atol=1e-6)
+    scores[0].logprobs_at_sampler_topk_R_K = scores[0].logprobs_at_sampler_topk_R_K.clone()  # inference tensors
+    scores[0].logprobs_at_sampler_topk_R_K[1, 2] = float("nan")
+    with pytest.raises(ValueError, match=r"row 0: teacher logprob at the student's top-k ids .* positions \[1\]"):
+        collate(rollouts, scores, pad_id=0)
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
@@ -237,9 +241,10 @@ def test_a_student_topk_above_the_vocabulary_stops_before_step_one(tmp_path, tok
 def test_three_steps_train_the_student_with_finite_metrics(tmp_path):
     before = {k: v.clone() for k, v in load_model("tiny:student").state_dict().items()}
     run_dir = train(load_config(None, [*SMALL, "loss=student_topk_rkl", "student_topk=8", "steps=3", "eval_every=0",
-                                       "save_every=0", f"out_dir={tmp_path / 'r'}"]))
+                                       "save_every=0", "preflight_noise=true", f"out_dir={tmp_path / 'r'}"]))
     records = read_metrics(run_dir)
     assert [r["step"] for r in records] == [0, 1, 2, 3]
+    assert "preflight/teacher_noise_rms" in records[0]  # the pre-flight's replayed batch kept its recorded ids
     for r in records[1:]:
         assert all(math.isfinite(v) for v in r.values()), r
         assert r["opd/student_topk_rkl"] > 0 and r["train/grad_norm"] > 0
