@@ -28,7 +28,8 @@ EPILOG = """examples:
   opd validate runs/demo                        check a finished run folder
   opd COMMAND --help                            the arguments of one command
 
-Models are local Hugging Face folders, or the bundled tiny:teacher, tiny:student, tiny:gsm8k, tiny:arith_self;
+Models are local Hugging Face folders, or the bundled tiny:teacher, tiny:student, tiny:gsm8k, tiny:arith_self,
+tiny:automaton_teacher, tiny:automaton_student;
 teacher=self makes the student its own teacher under the teacher prompt.
 Add --debug anywhere on the line to see the traceback of an error."""
 TRAIN_EPILOG = """Every key is a field of opd.config.TrainConfig (opd/config.py, one comment each); an unknown key
@@ -210,6 +211,10 @@ COMMANDS = {
                                      bundled.build_arith_self_arguments, bundled.build_arith_self_command,
                                      "Fine-tune tiny:student into tiny:arith_self, teacher (under the privileged "
                                      "prompt) and student of recipes/arithmetic_self.yaml, from a seed."),
+    "build-tiny-automaton": Command("rebuild tiny:automaton_teacher and tiny:automaton_student (long-horizon task)",
+                                    bundled.build_automaton_arguments, bundled.build_automaton_command,
+                                    "Train and save the automaton task's teacher and student from a seed, and "
+                                    "measure the student's SFT ceiling on the teacher's traces."),
 }
 
 

@@ -18,12 +18,13 @@ from opd.vllm_setup import check_temperature
 
 LOSSES = ("reverse_kl", "topk_kl", "jsd", "cross_entropy", "student_topk_rkl")  # cross_entropy: off-policy
 SCHEDULES = ("constant", "cosine", "linear")
-TASKS = ("arithmetic", "arithmetic_privileged", "gsm8k", "gsm8k_privileged")
+TASKS = ("arithmetic", "arithmetic_privileged", "automaton", "automaton_privileged", "gsm8k", "gsm8k_privileged")
 BACKENDS = ("hf", "vllm")
 TEACHER_BACKENDS = ("hf", "vllm", "served", "none")
 DTYPES = ("float32", "bfloat16")
 SAVE_DTYPES = ("float32", "bfloat16", "float16")
-TINY_ALIASES = ("tiny:teacher", "tiny:student", "tiny:gsm8k", "tiny:arith_self")
+TINY_ALIASES = ("tiny:teacher", "tiny:student", "tiny:gsm8k", "tiny:arith_self", "tiny:automaton_teacher",
+                "tiny:automaton_student")
 # Fields that only act when the student samples (on-policy), and their defaults: an off-policy run
 # (loss=cross_entropy, `opd train-offpolicy`) would ignore them, so it refuses them (check_offpolicy_config).
 ON_POLICY_ONLY = {"loss": "reverse_kl", "kl_coef": 1.0, "discount": 0.0, "task_reward": False, "opsm_delta": None,

@@ -3,6 +3,8 @@
 `tiny.py` trains the bundled tokenizer, `tiny:teacher` and `tiny:student` (`opd build-tiny`);
 `gsm8k.py` trains `tiny:gsm8k`, the privileged GSM8K recipe's model (`opd build-tiny-gsm8k`).
 `arith_self.py` fine-tunes `tiny:arith_self`, the privileged arithmetic recipe's model (`opd build-tiny-arith-self`).
+`automaton.py` trains `tiny:automaton_teacher` and `tiny:automaton_student`, the long-horizon task's pair
+(`opd build-tiny-automaton`).
 The trained folders are committed under `opd/assets/tiny/`, where `opd.models.resolve` finds
 `tiny:NAME`; a run only loads them, as it loads any checkpoint.
 
@@ -70,3 +72,28 @@ def build_arith_self_command(args: argparse.Namespace) -> None:
     final = report["final"]
     print(f"{report['parameters']:,} parameters, {report['train_seconds']:.0f}s, step {final['step']}: held-out "
           f"accuracy {final['plain_accuracy']:.1%} alone, {final['privileged_accuracy']:.1%} with the solution shown")
+
+
+def build_automaton_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", metavar="DIR", help="output folder (default: opd/assets/tiny, the bundled models)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights and the data")
+    p.add_argument("--teacher-steps", type=int, metavar="N", help="cap on the teacher's pre-training steps")
+    p.add_argument("--student-steps", type=int, metavar="N", help="cap on the student's pre-training steps")
+    p.add_argument("--ceiling-steps", type=int, default=1000, metavar="N",
+                   help="steps of the student's SFT on teacher traces (its ceiling; 0 skips it)")
+    p.add_argument("--n-eval", type=int, default=200, metavar="N", help="held-out problems for the accuracy bands")
+
+
+def build_automaton_command(args: argparse.Namespace) -> None:
+    from opd.bundled.automaton import STUDENT_NAME, TEACHER_NAME, build_automaton
+    from opd.models import TINY_DIR
+
+    report = build_automaton(args.out or TINY_DIR, seed=args.seed, teacher_steps=args.teacher_steps,
+                             student_steps=args.student_steps, ceiling_steps=args.ceiling_steps, n_eval=args.n_eval)
+    for name in (TEACHER_NAME, STUDENT_NAME):
+        print(f"{name}: {report[name]['parameters']:,} parameters, held-out accuracy "
+              f"{report[name]['held_out_accuracy']:.1%}, {report[name]['train_seconds']:.0f}s")
+    ceiling = report.get("student_sft_ceiling")
+    if ceiling:
+        print(f"student SFT ceiling on {ceiling['pool']} teacher traces: {ceiling['best_accuracy']:.1%} "
+              f"(best of {ceiling['steps']} steps)")

@@ -106,8 +106,8 @@ def sft_batch(tokenizer, examples: list[Example]) -> dict[str, torch.Tensor]:
 
 
 def pretrain(model, tokenizer, spec: TinySpec, eval_examples: list[Example], seed: int, max_steps: int | None = None,
-             batch_size: int = 64) -> dict:
-    """SFT on fresh arithmetic problems until an eval lands in `spec.band` or steps run out.
+             batch_size: int = 64, make_examples=arithmetic_examples, max_new_tokens: int = 32) -> dict:
+    """SFT on fresh problems (`make_examples(n, "train", seed=)`) until an eval lands in `spec.band` or steps run out.
 
     Returns the history; the model holds the weights of the stopping evaluation (for the
     student: the first in the band, else the last one below it, so it never overshoots).
@@ -122,7 +122,7 @@ def pretrain(model, tokenizer, spec: TinySpec, eval_examples: list[Example], see
             factor *= 0.1 + 0.45 * (1 + math.cos(math.pi * step / max_steps))
         for group in optimizer.param_groups:
             group["lr"] = spec.lr * factor
-        examples = arithmetic_examples(batch_size, "train", seed=rng.randrange(1 << 30))
+        examples = make_examples(batch_size, "train", seed=rng.randrange(1 << 30))
         model.train()
         loss = model(**sft_batch(tokenizer, examples)).loss  # fp32: faster than bf16 autocast on this CPU
         loss.backward()
@@ -131,7 +131,7 @@ def pretrain(model, tokenizer, spec: TinySpec, eval_examples: list[Example], see
         optimizer.zero_grad(set_to_none=True)
         if step % spec.eval_every and step != max_steps:
             continue
-        accuracy, _ = greedy_accuracy(model, tokenizer, eval_examples, max_new_tokens=32)
+        accuracy, _ = greedy_accuracy(model, tokenizer, eval_examples, max_new_tokens=max_new_tokens)
         history.append({"step": step, "loss": loss.item(), "accuracy": accuracy, "seconds": time.time() - start})
         log.info("step %d loss %.4f held-out accuracy %.3f (%.0fs)", step, loss.item(), accuracy, time.time() - start)
         low, high = spec.band

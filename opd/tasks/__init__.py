@@ -7,6 +7,7 @@ answer and an id. `opd.rows.example_from_row` turns each into an `Example`, as f
 """
 
 from opd.tasks.arithmetic import arithmetic_examples, arithmetic_rows
+from opd.tasks.automaton import automaton_rows
 from opd.tasks.base import FINAL_RE, Example, extract_final_answer, grade, normalize_answer
 from opd.tasks.gsm8k import gsm8k_examples, gsm8k_rows, load_gsm8k
 
@@ -15,6 +16,7 @@ __all__ = [
     "Example",
     "arithmetic_examples",
     "arithmetic_rows",
+    "automaton_rows",
     "extract_final_answer",
     "grade",
     "gsm8k_examples",
@@ -29,10 +31,12 @@ def task_rows(name: str, split: str, n: int | None = None, seed: int = 0, data_d
     """The one place that maps a task name from a config to its data rows."""
     if name in ("arithmetic", "arithmetic_privileged"):
         return arithmetic_rows(n or 1000, split=split, seed=seed, privileged=name == "arithmetic_privileged")
+    if name in ("automaton", "automaton_privileged"):
+        return automaton_rows(n or 1000, split=split, seed=seed, privileged=name == "automaton_privileged")
     if name in ("gsm8k", "gsm8k_privileged"):
         return gsm8k_rows(split, n=n, data_dir=data_dir, privileged=name == "gsm8k_privileged")
-    raise ValueError(f"unknown task {name!r}; accepted: 'arithmetic', 'arithmetic_privileged', 'gsm8k', "
-                     f"'gsm8k_privileged'")
+    raise ValueError(f"unknown task {name!r}; accepted: 'arithmetic', 'arithmetic_privileged', 'automaton', "
+                     f"'automaton_privileged', 'gsm8k', 'gsm8k_privileged'")
 
 
 def load_task(name: str, split: str, n: int | None = None, seed: int = 0, data_dir: str | None = None) -> list[Example]:
