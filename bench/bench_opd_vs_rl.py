@@ -48,10 +48,11 @@ seed's held-out problems, teacher-trace gap) runs every `--eval-every` steps and
 on the x-axis. The tables: compute to the first evaluation at the teacher's accuracy minus 5 and
 minus 2 points (and the start plus 10 and 20), median over seeds, and its ratio to the best method.
 
-Cost: arithmetic's 18 runs ~1 h on this shared machine; automaton's ~30 runs (12 of them the lr sweep) see
-docs/results.md. Writes bench/results/opd_vs_rl.json / .png (arithmetic) or opd_vs_rl_<task>.json / .png
-(every point of every run, the sweep's too) and prints the tables. Runs live in runs/bench_opd_vs_rl/
-(arithmetic) or runs/bench_opd_vs_rl_<task>/, one folder each; a run already complete with the same
+Cost: arithmetic's 18 runs ~1 h on this shared machine; automaton's 27 runs (12 of them the lr sweep) at
+80 steps ~2.8 s a step on one thread, 6-8 min a run two at a time, ~75-90 min in all. Writes
+bench/results/opd_vs_rl.json / .png (arithmetic) or opd_vs_rl_<task>.json / .png (every point of every
+run, the sweep's too) and prints the tables. Runs live in runs/bench_opd_vs_rl/ (arithmetic) or
+runs/bench_opd_vs_rl_<task>/, one folder each; a run already complete with the same
 settings is reused unless --fresh.
 """
 
