@@ -13,7 +13,7 @@ from typing import Any
 
 from opd.precision import check_device
 from opd.rollout import Sampling
-from opd.teachers import SELF, check_self_teacher, check_teachers, teacher_specs
+from opd.teachers import SELF, check_self_teacher, check_student_topk_rkl, check_teachers
 from opd.vllm_setup import check_temperature
 
 LOSSES = ("reverse_kl", "topk_kl", "jsd", "cross_entropy", "student_topk_rkl")  # cross_entropy: off-policy
@@ -266,20 +266,6 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def check_student_topk_rkl(config: TrainConfig) -> None:
-    """loss=student_topk_rkl needs the student's top-k ids recorded by its sampler (rollout_backend=hf) and the
-    teacher's logprobs at those ids, which only an in-process teacher returns (docs/design.md §4)."""
-    if config.rollout_backend != "hf":
-        raise ValueError("loss=student_topk_rkl needs the student's top-k ids of each sampled position, which only "
-                         "rollout_backend=hf records; set rollout_backend=hf")
-    for name, spec in teacher_specs(config).items():
-        if spec.backend != "hf":
-            where = "teacher_backend" if not config.teachers else f"teachers.{name}.backend"
-            raise ValueError(f"loss=student_topk_rkl needs the teacher's logprobs at the student's top-k ids; "
-                             f"{where}={spec.backend} returns only its own top-k (prompt_logprobs): use an "
-                             f"in-process teacher ({where}=hf)")
 
 
 def check_offpolicy_config(config: TrainConfig) -> None:

@@ -17,7 +17,8 @@ from opd.forward import active_features, masked_token_logprobs, model_head
 from opd.heads import IDENTITY
 from opd.kernels import gathered_logprobs, head_vocab, jsd_loss
 from opd.losses import (checked_topk_ids, cross_entropy_loss, importance_sampling_loss, opsm_mask, ppo_clip_loss,
-                        reverse_kl_advantages, student_topk_rkl_terms, topk_forward_kl_terms)
+                        reverse_kl_advantages, topk_forward_kl_terms)
+from opd.losses_student_topk import student_topk_rkl_terms
 from opd.types import Batch, Rollout
 
 # An objective: (student, micro-batch, step-global token count, the teacher's head or None) -> (loss, metrics).
@@ -122,7 +123,7 @@ def topk_kl_micro_loss(student: torch.nn.Module, micro: Batch, config: TrainConf
 
 def student_topk_rkl_micro_loss(student: torch.nn.Module, micro: Batch, config: TrainConfig, num_tokens: int,
                                 vocab_size: int | None = None, teacher_head=None) -> tuple[torch.Tensor, dict]:
-    """`losses.student_topk_rkl_loss` on the loss-mask rows: ℓ at the student's recorded top-k ids from its features
+    """`losses_student_topk.student_topk_rkl_loss` on the loss-mask rows: ℓ at the student's recorded top-k ids from its features
     and head through the chunked kernel (`kernels.gathered_logprobs`, no `[N, V]` logits), at `loss_temperature`."""
     if micro.student_topk_ids_B_T_K is None or micro.teacher_logprobs_at_student_topk_B_T_K is None:
         raise ValueError("loss=student_topk_rkl needs Batch.student_topk_ids_B_T_K and "

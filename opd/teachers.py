@@ -207,3 +207,17 @@ def manifest(specs: dict[str, TeacherSpec], resolve) -> dict[str, dict]:
         digest = hashlib.sha256(config_json.read_bytes()).hexdigest()[:16] if config_json.is_file() else None
         out[name] = {"path": s.path, "backend": s.backend, "dtype": s.dtype, "config_sha256": digest}
     return out
+
+
+def check_student_topk_rkl(config) -> None:
+    """loss=student_topk_rkl needs the student's top-k ids recorded by its sampler (rollout_backend=hf) and the
+    teacher's logprobs at those ids, which only an in-process teacher returns (docs/design.md §4)."""
+    if config.rollout_backend != "hf":
+        raise ValueError("loss=student_topk_rkl needs the student's top-k ids of each sampled position, which only "
+                         "rollout_backend=hf records; set rollout_backend=hf")
+    for name, spec in teacher_specs(config).items():
+        if spec.backend != "hf":
+            where = "teacher_backend" if not config.teachers else f"teachers.{name}.backend"
+            raise ValueError(f"loss=student_topk_rkl needs the teacher's logprobs at the student's top-k ids; "
+                             f"{where}={spec.backend} returns only its own top-k (prompt_logprobs): use an "
+                             f"in-process teacher ({where}=hf)")

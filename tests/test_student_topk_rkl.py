@@ -14,7 +14,7 @@ from opd.batch import collate
 from opd.config import check_offpolicy_config, load_config
 from opd.heads import linear_head
 from opd.kernels import gathered_logprobs
-from opd.losses import student_topk_reverse_kl, student_topk_rkl_loss, student_topk_rkl_terms
+from opd.losses_student_topk import student_topk_reverse_kl, student_topk_rkl_loss, student_topk_rkl_terms
 from opd.metrics import read_metrics
 from opd.models import load_model
 from opd.objectives import student_topk_rkl_micro_loss, teacher_scores
