@@ -24,8 +24,7 @@ import torch
 from opd.bundled.tiny import TinySpec, make_model, pretrain, sft_batch
 from opd.evaluate import greedy_accuracy
 from opd.models import TINY_DIR, load_tokenizer
-from opd.rows import example_from_row
-from opd.tasks.automaton import automaton_rows
+from opd.tasks import load_task
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +39,7 @@ CEILING_STEPS, CEILING_EVAL_EVERY, CEILING_POOL, CEILING_LR = 1000, 100, 2048, 1
 
 
 def automaton_examples(n: int, split: str, seed: int = 0) -> list:
-    return [example_from_row(row) for row in automaton_rows(n, split, seed)]
+    return load_task("automaton", split, n, seed)  # `pretrain`'s make_examples(n, split, seed=) signature
 
 
 def teacher_traces(teacher, tokenizer, examples: list) -> tuple[list, float]:
