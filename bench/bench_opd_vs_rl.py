@@ -1,7 +1,7 @@
 """On-policy distillation vs RL vs off-policy distillation at equal compute, on a bundled pair.
 
     python bench/bench_opd_vs_rl.py [--task arithmetic|automaton] [--steps N] [--seeds 0 1 2] [--eval-every 25]
-                                    [--jobs 2] [--methods ...] [--report-only] [--fresh]
+                                    [--jobs 2] [--methods ...] [--report-only] [--fresh] [--results STEM]
 
 The claim tested (Thinking Machines, "On-Policy Distillation", 2025; Qwen3 technical report):
 a student reaches a given quality with far less compute by OPD than by RL on the task reward
@@ -16,10 +16,14 @@ the same step count, each seed seeing the same prompts at each step.
   OPD+GRPO    `opd train task_reward=true kl_coef=1`: Â = A_task - λ(p - q), λ = 1
   GRPO lr/5   GRPO at lr 3e-4: at the shared lr GRPO collapses, so it also runs once at a fifth of it
   OPD top-k   `opd train loss=topk_kl topk=20`: on-policy, but the teacher's top-20 forward KL per token
+  OPD student-top-k, OPD full RKL: the two exact reverse-KL estimators, as below
   All at the recipe's lr (GRPO's second try aside).
 
 `--task automaton` (recipes/automaton.yaml, tiny:automaton_student/teacher; 108-token solutions of
-rule 30 where one wrong cell spoils every later line, opd.tasks.automaton):
+rule 30 where one wrong cell spoils every later line, opd.tasks.automaton), 200 steps of 8 prompts x 4
+completions at a constant lr after warm-up (the task's `overrides`, for every method: the student's
+SFT ceiling reaches the teacher in ~100 such steps, and an 80-step cosine run of 16 x 4 left every method
+short of it, bench/results/opd_vs_rl_automaton_80steps.json):
   OPD                `opd train`: sampled-token reverse KL (the default loss)
   OPD student-top-k  `loss=student_topk_rkl`: exact reverse KL over the student's top-K tokens + a tail bucket
   OPD top-k          `loss=topk_kl topk=20`: the teacher's top-20 forward KL
@@ -28,9 +32,11 @@ rule 30 where one wrong cell spoils every later line, opd.tasks.automaton):
   GRPO               the grader reward only, no teacher
   two-stage          the Qwen3 report's schedule: off-policy for the first half of the steps, then OPD
                      (`opd train student=<stage 1>/final`) for the second half, the same total steps
-  The learning-rate rule, the same for every method: seed 0 runs at the recipe's lr times each of
-  LR_FACTORS (1 and 1/3); the factor with the higher final held-out accuracy (ties: the lower final
-  teacher-trace gap) is used for the other seeds, and the table and plot show the chosen lr's seeds.
+  The learning-rate rule, the same for every method: seed 0 runs at the recipe's lr times each of the
+  task's lr_factors (1 and 1/3), then once more one grid step past the edge its best factor is on (x3
+  past 1, /3 past 1/3: no method is judged at an lr the grid cut short); the factor with the higher
+  final held-out accuracy (ties: the lower final teacher-trace gap) is used for the other seeds, and
+  the table and plot show the chosen lr's seeds.
   two-stage inherits off-policy's factor for its first stage and OPD's for its second (no sweep of its own).
 
 Compute, counted from the logged token counts (real tokens, no padding; what an engine that
@@ -48,8 +54,8 @@ seed's held-out problems, teacher-trace gap) runs every `--eval-every` steps and
 on the x-axis. The tables: compute to the first evaluation at the teacher's accuracy minus 5 and
 minus 2 points (and the start plus 10 and 20), median over seeds, and its ratio to the best method.
 
-Cost: arithmetic's 18 runs ~1 h on this shared machine; automaton's 27 runs (12 of them the lr sweep) at
-80 steps ~2.8 s a step on one thread, 6-8 min a run two at a time, ~75-90 min in all. Writes
+Cost: arithmetic's 24 runs ~1 h 20 min on this shared machine; automaton's 30 runs (18 of them the lr sweep) and
+3 two-stage pairs at 200 steps, ~1.5 s a step on one thread, ~6 min a run two at a time, ~80 min in all. Writes
 bench/results/opd_vs_rl.json / .png (arithmetic) or opd_vs_rl_<task>.json / .png (every point of every
 run, the sweep's too) and prints the tables. Runs live in runs/bench_opd_vs_rl/ (arithmetic) or
 runs/bench_opd_vs_rl_<task>/, one folder each; a run already complete with the same
@@ -83,6 +89,9 @@ ARITHMETIC_METHODS = {  # name: (opd command, overrides on top of the recipe)
     # Not one of the four: OPD with the teacher's top-20 forward KL, a dense per-token target like the
     # off-policy cross-entropy but on the student's own samples; it separates "on-policy" from "sampled-token".
     "OPD top-k": ("train", ["loss=topk_kl", "topk=20"]),
+    # The two exact estimators over the student's own tokens, as on the automaton task.
+    "OPD student-top-k": ("train", ["loss=student_topk_rkl"]),
+    "OPD full RKL": ("train", ["loss=jsd", "jsd_beta=1"]),
 }
 AUTOMATON_METHODS = {
     "OPD": ("train", []),
@@ -103,13 +112,17 @@ class Task:
     stem: str  # results file name
     steps: int  # default --steps
     lr_factors: tuple[float, ...]  # seed 0 of every method runs at each; the best is kept for the other seeds
+    overrides: tuple[str, ...] = ()  # the bench's settings on top of the recipe, the same for every method
 
 
 TASKS = {
     "arithmetic": Task(ROOT / "recipes" / "demo.yaml", ARITHMETIC_METHODS, ROOT / "runs" / "bench_opd_vs_rl",
                        "opd_vs_rl", 150, (1.0,)),
     "automaton": Task(ROOT / "recipes" / "automaton.yaml", AUTOMATON_METHODS,
-                      ROOT / "runs" / "bench_opd_vs_rl_automaton", "opd_vs_rl_automaton", 80, (1.0, 1 / 3)),
+                      ROOT / "runs" / "bench_opd_vs_rl_automaton", "opd_vs_rl_automaton", 200, (1.0, 1 / 3),
+                      # 32 rows a step, constant lr: the student's SFT ceiling needs ~100 such steps to reach the
+                      # teacher (build report); a decaying lr over 80 steps of 64 rows stopped every method short of it.
+                      ("prompts_per_step=8", "lr_schedule=constant")),
 }
 COLORS = {"OPD": "tab:blue", "GRPO": "tab:red", "off-policy": "tab:green", "OPD+GRPO": "tab:purple",
           "GRPO lr/5": "tab:orange", "OPD top-k": "tab:cyan", "OPD student-top-k": "tab:brown",
@@ -148,7 +161,8 @@ def command_of(run: Run, task: Task, steps: int, common: list[str], factors: dic
         first = Run("two-stage", run.seed, stage=1).folder(task) / "final"
         run = Run("OPD", run.seed, factors.get("OPD", 1.0), stage=2)
     command, overrides = task.methods[run.method]
-    overrides = [f"steps={steps // 2 if run.stage else steps}", *common, *overrides, f"seed={run.seed}"]
+    overrides = [f"steps={steps // 2 if run.stage else steps}", *task.overrides, *common, *overrides,
+                 f"seed={run.seed}"]
     if run.lr_factor != 1.0:
         overrides.append(f"lr={recipe_lr(task) * run.lr_factor:.6g}")
     if run.stage == 2:
@@ -186,6 +200,8 @@ def launch(jobs_list: list[tuple[Run, Path, str, list[str], list[Path]]], task: 
                 break
             pending.remove(ready)
             run, out, command, overrides, _ = ready
+            if out.is_dir() and any(out.iterdir()):  # an interrupted or other-settings run: kept aside, started over
+                out.rename(out.with_name(f"{out.name}.old-{time.strftime('%Y%m%d-%H%M%S')}"))
             out.mkdir(parents=True, exist_ok=True)
             argv = [sys.executable, "-m", "opd", command, str(task.recipe), *overrides, f"out_dir={out}"]
             log = (out / "log.txt").open("w")
@@ -300,6 +316,13 @@ def best_factor(points_by_factor: dict[float, list[dict]]) -> float:
     return max(points_by_factor, key=lambda f: (points_by_factor[f][-1]["accuracy"], -points_by_factor[f][-1]["trace_gap"]))
 
 
+def past_edge(best: float, grid: tuple[float, ...]) -> float | None:
+    """The factor one grid step past `best` when `best` is at an edge of the (geometric) grid, else None."""
+    ratio = max(grid) / min(grid)
+    step = ratio ** (1 / (len(grid) - 1))
+    return best * step if best == max(grid) else best / step if best == min(grid) else None
+
+
 def first_reaching(points: list[dict], level: float) -> dict | None:
     return next((p for p in points if p["accuracy"] >= level - 1e-9), None)
 
@@ -401,6 +424,8 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", help="a subset of the task's methods (default: all)")
     parser.add_argument("--report-only", action="store_true", help="re-analyse the runs already in the runs folder")
     parser.add_argument("--fresh", action="store_true", help="re-run even the runs already complete")
+    parser.add_argument("--results", help="file name stem under bench/results (default: the task's, or <it>_subset "
+                                          "with --methods, so a subset never overwrites the full comparison)")
     args = parser.parse_args()
     task = TASKS[args.task]
     methods = args.methods or list(task.methods)
@@ -408,16 +433,27 @@ def main() -> None:
     if unknown:
         parser.error(f"--methods: {unknown} are not methods of --task {args.task}; choose from {list(task.methods)}")
     steps = args.steps or task.steps
+    stem = args.results or (task.stem if set(methods) == set(task.methods) else f"{task.stem}_subset")
     common = [f"eval_every={args.eval_every}", f"eval_size={args.eval_size}", "save_every=0", "log_samples=0",
               "progress=false"]
     start = time.time()
     single = [m for m in methods if m != "two-stage"]
-    # The lr rule: seed 0 of every method at each factor, then the other seeds at the best one.
+    # The lr rule: seed 0 of every method at each factor (and one past the edge), then the other seeds at the best one.
     sweep = [Run(m, args.seeds[0], f) for m in single for f in task.lr_factors]
     process_s = {} if args.report_only else launch(schedule(sweep, task, steps, common, {}, args.fresh), task, args.jobs)
     params = parameter_counts(json.loads((sweep[0].folder(task) / "config.json").read_text()))
     sweep_points = {run: points_of(run, task, steps, common, {}, params) for run in sweep}
-    factors = {m: best_factor({f: sweep_points[Run(m, args.seeds[0], f)] for f in task.lr_factors}) for m in single}
+    tried = {m: list(task.lr_factors) for m in single}
+    if len(task.lr_factors) > 1:  # the edge rule: one more factor past the grid's edge where the best one lies
+        best = {m: best_factor({f: sweep_points[Run(m, args.seeds[0], f)] for f in tried[m]}) for m in single}
+        beyond = {m: past_edge(f, task.lr_factors) for m, f in best.items()}
+        extra = [Run(m, args.seeds[0], f) for m, f in beyond.items() if f is not None]
+        if not args.report_only:
+            process_s |= launch(schedule(extra, task, steps, common, {}, args.fresh), task, args.jobs)
+        sweep_points |= {run: points_of(run, task, steps, common, {}, params) for run in extra}
+        for run in extra:
+            tried[run.method].append(run.lr_factor)
+    factors = {m: best_factor({f: sweep_points[Run(m, args.seeds[0], f)] for f in tried[m]}) for m in single}
     runs = {(m, s): Run(m, s, factors[m]) for m in single for s in args.seeds}
     later = [run for (m, s), run in runs.items() if s != args.seeds[0]]
     if "two-stage" in methods:
@@ -435,10 +471,10 @@ def main() -> None:
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     teacher = statistics.mean(teacher_of_seed.values())
-    plot(points_by_run, methods, args.seeds, teacher, f"{args.task} ({steps} steps)", RESULTS / f"{task.stem}.png")
+    plot(points_by_run, methods, args.seeds, teacher, f"{args.task} ({steps} steps)", RESULTS / f"{stem}.png")
     lr = recipe_lr(task)
     summary = {"args": vars(args), "task": args.task, "steps": steps, "parameters": params,
-               "lr_rule": {"recipe_lr": lr, "factors": task.lr_factors,
+               "lr_rule": {"recipe_lr": lr, "factors": task.lr_factors, "tried": tried,
                            "chosen_lr": {m: lr * factors.get(m, 1.0) for m in single},
                            "sweep_final": {f"{r.method}/lr{lr * r.lr_factor:.3g}": pts[-1] for r, pts in sweep_points.items()}},
                "teacher_accuracy_per_seed": teacher_of_seed, "student_start_accuracy_per_seed": start_of_seed,
@@ -446,7 +482,7 @@ def main() -> None:
                                    for r, v in process_s.items()},
                "to_level": results, "points": [p for key in runs for p in points_by_run[key]],
                "sweep_points": [p for pts in sweep_points.values() for p in pts]}
-    (RESULTS / f"{task.stem}.json").write_text(json.dumps(summary, indent=1) + "\n")
+    (RESULTS / f"{stem}.json").write_text(json.dumps(summary, indent=1) + "\n")
 
     print(f"\nparameters: student {params['student']:,}, teacher {params['teacher']:,}; {steps} steps, "
           f"seeds {args.seeds}; teacher accuracy per seed {[f'{v:.1%}' for v in teacher_of_seed.values()]}, "
@@ -463,7 +499,7 @@ def main() -> None:
     for name, result in results.items():
         print("\n" + table(f"compute to reach {name} (per seed, first eval at or above it)", result, len(args.seeds)))
     print("(>r: the method did not get there within its whole run, so its ratio to the best is above r)")
-    print(f"\nwrote {RESULTS / (task.stem + '.json')} and {RESULTS / (task.stem + '.png')} ({time.time() - start:.0f}s)")
+    print(f"\nwrote {RESULTS / (stem + '.json')} and {RESULTS / (stem + '.png')} ({time.time() - start:.0f}s)")
 
 
 if __name__ == "__main__":
