@@ -33,10 +33,10 @@ short of it, bench/results/opd_vs_rl_automaton_80steps.json):
   two-stage          the Qwen3 report's schedule: off-policy for the first half of the steps, then OPD
                      (`opd train student=<stage 1>/final`) for the second half, the same total steps
   The learning-rate rule, the same for every method: seed 0 runs at the recipe's lr times each of the
-  task's lr_factors (1 and 1/3), then once more one grid step past the edge its best factor is on (x3
-  past 1, /3 past 1/3: no method is judged at an lr the grid cut short); the factor with the higher
-  final held-out accuracy (ties: the lower final teacher-trace gap) is used for the other seeds, and
-  the table and plot show the chosen lr's seeds.
+  task's lr_factors (1 and 1/3), then one grid step further (x3 past 1, /3 past 1/3) while its best
+  factor is the highest or lowest tried, up to EDGE_STEPS times: no method is judged at an lr the grid
+  cut short. The factor with the higher final held-out accuracy (ties: the lower final teacher-trace
+  gap) is used for the other seeds, and the table and plot show the chosen lr's seeds.
   two-stage inherits off-policy's factor for its first stage and OPD's for its second (no sweep of its own).
 
 Compute, counted from the logged token counts (real tokens, no padding; what an engine that
@@ -127,6 +127,7 @@ TASKS = {
 COLORS = {"OPD": "tab:blue", "GRPO": "tab:red", "off-policy": "tab:green", "OPD+GRPO": "tab:purple",
           "GRPO lr/5": "tab:orange", "OPD top-k": "tab:cyan", "OPD student-top-k": "tab:brown",
           "OPD full RKL": "tab:olive", "two-stage": "tab:pink"}
+EDGE_STEPS = 3  # at most this many lr steps past the grid's edge (x27 or /27 at a grid step of 3)
 LEVELS = (("teacher - 5 points", "teacher", -0.05), ("teacher - 2 points", "teacher", -0.02),
           ("start + 10 points", "start", 0.10), ("start + 20 points", "start", 0.20))
 
@@ -316,11 +317,11 @@ def best_factor(points_by_factor: dict[float, list[dict]]) -> float:
     return max(points_by_factor, key=lambda f: (points_by_factor[f][-1]["accuracy"], -points_by_factor[f][-1]["trace_gap"]))
 
 
-def past_edge(best: float, grid: tuple[float, ...]) -> float | None:
-    """The factor one grid step past `best` when `best` is at an edge of the (geometric) grid, else None."""
-    ratio = max(grid) / min(grid)
-    step = ratio ** (1 / (len(grid) - 1))
-    return best * step if best == max(grid) else best / step if best == min(grid) else None
+def past_edge(best: float, tried: list[float], grid: tuple[float, ...]) -> float | None:
+    """The factor one grid step (the geometric step of `grid`) past `best` when `best` is the highest or the
+    lowest factor tried so far, else None (the best lr is bracketed)."""
+    step = (max(grid) / min(grid)) ** (1 / (len(grid) - 1))
+    return best * step if best == max(tried) else best / step if best == min(tried) else None
 
 
 def first_reaching(points: list[dict], level: float) -> dict | None:
@@ -444,10 +445,11 @@ def main() -> None:
     params = parameter_counts(json.loads((sweep[0].folder(task) / "config.json").read_text()))
     sweep_points = {run: points_of(run, task, steps, common, {}, params) for run in sweep}
     tried = {m: list(task.lr_factors) for m in single}
-    if len(task.lr_factors) > 1:  # the edge rule: one more factor past the grid's edge where the best one lies
+    for _ in range(EDGE_STEPS if len(task.lr_factors) > 1 else 0):  # the edge rule, until every best is inside
         best = {m: best_factor({f: sweep_points[Run(m, args.seeds[0], f)] for f in tried[m]}) for m in single}
-        beyond = {m: past_edge(f, task.lr_factors) for m, f in best.items()}
-        extra = [Run(m, args.seeds[0], f) for m, f in beyond.items() if f is not None]
+        extra = [Run(m, args.seeds[0], f) for m in single if (f := past_edge(best[m], tried[m], task.lr_factors))]
+        if not extra:
+            break
         if not args.report_only:
             process_s |= launch(schedule(extra, task, steps, common, {}, args.fresh), task, args.jobs)
         sweep_points |= {run: points_of(run, task, steps, common, {}, params) for run in extra}
