@@ -54,8 +54,9 @@ seed's held-out problems, teacher-trace gap) runs every `--eval-every` steps and
 on the x-axis. The tables: compute to the first evaluation at the teacher's accuracy minus 5 and
 minus 2 points (and the start plus 10 and 20), median over seeds, and its ratio to the best method.
 
-Cost: arithmetic's 24 runs ~1 h 20 min on this shared machine; automaton's 30 runs (18 of them the lr sweep) and
-3 two-stage pairs at 200 steps, ~1.5 s a step on one thread, ~6 min a run two at a time, ~80 min in all. Writes
+Cost: arithmetic's 24 runs ~1 h 20 min on this shared machine; automaton's lr sweep (12 seed-0 runs plus those
+past the edge: 23 in the committed run), 12 later runs and 3 two-stage pairs at 200 steps, 3-5 min a run two
+at a time, ~55 min in all. Writes
 bench/results/opd_vs_rl.json / .png (arithmetic) or opd_vs_rl_<task>.json / .png (every point of every
 run, the sweep's too) and prints the tables. Runs live in runs/bench_opd_vs_rl/ (arithmetic) or
 runs/bench_opd_vs_rl_<task>/, one folder each; a run already complete with the same
@@ -319,7 +320,9 @@ def best_factor(points_by_factor: dict[float, list[dict]]) -> float:
 
 def past_edge(best: float, tried: list[float], grid: tuple[float, ...]) -> float | None:
     """The factor one grid step (the geometric step of `grid`) past `best` when `best` is the highest or the
-    lowest factor tried so far, else None (the best lr is bracketed)."""
+    lowest factor tried so far, else None (the best lr is bracketed, or `grid` is one factor)."""
+    if len(grid) < 2:
+        return None  # no sweep, no edge
     step = (max(grid) / min(grid)) ** (1 / (len(grid) - 1))
     return best * step if best == max(tried) else best / step if best == min(tried) else None
 
@@ -439,23 +442,20 @@ def main() -> None:
               "progress=false"]
     start = time.time()
     single = [m for m in methods if m != "two-stage"]
-    # The lr rule: seed 0 of every method at each factor (and one past the edge), then the other seeds at the best one.
-    sweep = [Run(m, args.seeds[0], f) for m in single for f in task.lr_factors]
-    process_s = {} if args.report_only else launch(schedule(sweep, task, steps, common, {}, args.fresh), task, args.jobs)
-    params = parameter_counts(json.loads((sweep[0].folder(task) / "config.json").read_text()))
-    sweep_points = {run: points_of(run, task, steps, common, {}, params) for run in sweep}
-    tried = {m: list(task.lr_factors) for m in single}
-    for _ in range(EDGE_STEPS if len(task.lr_factors) > 1 else 0):  # the edge rule, until every best is inside
-        best = {m: best_factor({f: sweep_points[Run(m, args.seeds[0], f)] for f in tried[m]}) for m in single}
-        extra = [Run(m, args.seeds[0], f) for m in single if (f := past_edge(best[m], tried[m], task.lr_factors))]
-        if not extra:
-            break
+    # The lr rule: seed 0 of every method at each factor, one more past the grid's edge while the best is on it
+    # (at most EDGE_STEPS), then the other seeds at the best one.
+    seed0, tried = args.seeds[0], {m: list(task.lr_factors) for m in single}
+    sweep_points, process_s, params = {}, {}, None
+    while new := [Run(m, seed0, f) for m in single for f in tried[m] if Run(m, seed0, f) not in sweep_points]:
         if not args.report_only:
-            process_s |= launch(schedule(extra, task, steps, common, {}, args.fresh), task, args.jobs)
-        sweep_points |= {run: points_of(run, task, steps, common, {}, params) for run in extra}
-        for run in extra:
-            tried[run.method].append(run.lr_factor)
-    factors = {m: best_factor({f: sweep_points[Run(m, args.seeds[0], f)] for f in tried[m]}) for m in single}
+            process_s |= launch(schedule(new, task, steps, common, {}, args.fresh), task, args.jobs)
+        params = params or parameter_counts(json.loads((new[0].folder(task) / "config.json").read_text()))
+        sweep_points |= {run: points_of(run, task, steps, common, {}, params) for run in new}
+        factors = {m: best_factor({f: sweep_points[Run(m, seed0, f)] for f in tried[m]}) for m in single}
+        for m in single:
+            beyond = past_edge(factors[m], tried[m], task.lr_factors)
+            if beyond and len(tried[m]) < len(task.lr_factors) + EDGE_STEPS:
+                tried[m].append(beyond)
     runs = {(m, s): Run(m, s, factors[m]) for m in single for s in args.seeds}
     later = [run for (m, s), run in runs.items() if s != args.seeds[0]]
     if "two-stage" in methods:
