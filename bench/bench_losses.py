@@ -94,7 +94,8 @@ def _make_inputs(loss: str, bt: int, V: int, seed: int = 0):
 
 def _run(loss: str, impl: str, inputs, chunk_size: int):
     from opd.heads import linear_head
-    from opd.kernels import gathered_logprobs, jsd_loss
+    from opd.kernels import gathered_logprobs
+    from opd.kernels_jsd import jsd_loss
     from opd.losses import generalized_jsd_loss, topk_forward_kl_loss, topk_forward_kl_terms
     if loss == "topk_linear":
         hidden, head, ids, nu, mask = inputs
@@ -165,7 +166,7 @@ def main() -> None:
 
     import inspect
     sys.path.insert(0, str(ROOT))
-    from opd.kernels import jsd_loss
+    from opd.kernels_jsd import jsd_loss
     from opd.losses import generalized_jsd_loss, topk_forward_kl_loss
     default = lambda fn: inspect.signature(fn).parameters["chunk_size"].default  # noqa: E731
     chunks = {"jsd": args.jsd_chunk or default(generalized_jsd_loss),

@@ -29,6 +29,7 @@ from transformers import DynamicCache
 from opd.heads import IDENTITY, Head, linear_head, module_head, softcapped_head
 from opd.kernels import gathered_logprobs
 from opd.logprobs import completion_mask
+from opd.precision import casts_cached
 from opd.tokenization import vocab_logits
 
 # Config fields that rescale or cap the logits after the head (Gemma2/3 soft-capping, Cohere, Granite).
@@ -202,12 +203,14 @@ def shared_prompt_hidden_states(model: torch.nn.Module, tokens_A_L: Tensor, prom
     completions_A_R = torch.where(real_A_R, tokens_A_L.gather(1, (P_A[:, None] + r_R).clamp(max=L - 1)), pad_id)
     backbone = getattr(model, model.base_model_prefix)
     cache = DynamicCache(config=model.config)
-    last_U_H = backbone(input_ids=prompts_U_W, attention_mask=prompt_mask_U_W, **{cache_keyword(backbone): cache}, use_cache=True,
-                        position_ids=(prompt_mask_U_W.cumsum(-1) - 1).clamp(min=0)).last_hidden_state[:, -1]
-    cache.batch_select_indices(group_A)
-    hidden_A_R_H = backbone(input_ids=completions_A_R, **{cache_keyword(backbone): cache}, use_cache=True,
-                            attention_mask=torch.cat([prompt_mask_U_W[group_A], real_A_R.long()], dim=1),
-                            position_ids=P_A[:, None] + r_R).last_hidden_state
+    with casts_cached(model):  # bf16: the two passes share one cast of each weight (and its backward, one convert)
+        last_U_H = backbone(input_ids=prompts_U_W, attention_mask=prompt_mask_U_W, **{cache_keyword(backbone): cache},
+                            use_cache=True, position_ids=(prompt_mask_U_W.cumsum(-1) - 1).clamp(min=0)
+                            ).last_hidden_state[:, -1]
+        cache.batch_select_indices(group_A)
+        hidden_A_R_H = backbone(input_ids=completions_A_R, **{cache_keyword(backbone): cache}, use_cache=True,
+                                attention_mask=torch.cat([prompt_mask_U_W[group_A], real_A_R.long()], dim=1),
+                                position_ids=P_A[:, None] + r_R).last_hidden_state
     # the hidden state before completion token j: the prompt's last for j = 0, completion token j - 1's after
     return torch.cat([last_U_H[group_A, None], hidden_A_R_H[:, :-1]], dim=1), real_A_R
 

@@ -34,18 +34,21 @@ class Head:
     def __call__(self, features_C_X: Tensor) -> Tensor:
         return self.fn(features_C_X, *self.params)
 
-    def chunk(self, features_C_X: Tensor, params: tuple[Tensor, ...], needs: tuple[bool, ...]):
+    def chunk(self, features_C_X: Tensor, params: tuple[Tensor, ...], needs: tuple[bool, ...], logits: bool = True):
         """(logits_C_V, vjp): the chunk's logits and `vjp(grad_C_V, grad_features_C_X | None, grads_params)`,
-        which adds the gradients of the features (written) and of the parameters (accumulated in place).
+        which writes the gradient of the features and adds those of the parameters into `grads_params`
+        (an entry that is None and needed is set by the first chunk, in the parameter's dtype).
 
-        `needs`: whether the features, then each parameter, want a gradient.
+        `needs`: whether the features, then each parameter, want a gradient. `logits=False`: the caller
+        kept this chunk's logits from the forward; a linear or identity head then returns (None, vjp)
+        without the matmul (a function head recomputes them: its vjp needs them).
         """
         need_f, need_p = needs[0], needs[1:]
         if self.kind == "identity":
             def vjp(grad_C_V, grad_f_C_X, grads_p):
                 if grad_f_C_X is not None:
                     grad_f_C_X.copy_(grad_C_V)
-            return features_C_X, vjp
+            return features_C_X if logits else None, vjp
         if self.kind == "linear":
             (weight_V_X,) = params
 
@@ -53,9 +56,12 @@ class Head:
                 grad_C_V = grad_C_V.to(features_C_X.dtype)
                 if grad_f_C_X is not None:
                     torch.mm(grad_C_V, weight_V_X, out=grad_f_C_X)
-                if grads_p[0] is not None:
-                    grads_p[0].addmm_(grad_C_V.T, features_C_X)
-            return features_C_X @ weight_V_X.T, vjp
+                if need_p[0]:  # the first chunk writes the product: no zero-filled [V, X] buffer to add it to
+                    if grads_p[0] is None:
+                        grads_p[0] = grad_C_V.T @ features_C_X
+                    else:
+                        grads_p[0].addmm_(grad_C_V.T, features_C_X)
+            return features_C_X @ weight_V_X.T if logits else None, vjp
         if not (need_f or any(need_p)):
             return self.fn(features_C_X, *params), None
         with torch.enable_grad():
@@ -68,9 +74,13 @@ class Head:
             grads = iter(torch.autograd.grad(logits_C_V, wanted, grad_C_V.to(logits_C_V.dtype)))
             if need_f:
                 grad_f_C_X.copy_(next(grads))
-            for acc, n in zip(grads_p, need_p, strict=True):
+            for i, n in enumerate(need_p):
                 if n:
-                    acc.add_(next(grads))
+                    grad = next(grads)
+                    if grads_p[i] is None:
+                        grads_p[i] = grad.to(params[i].dtype, copy=True)
+                    else:
+                        grads_p[i].add_(grad)
         return logits_C_V.detach(), vjp
 
 

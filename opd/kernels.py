@@ -7,9 +7,10 @@ head all take the same path. The specification of each quantity is the pure func
 
 - `gathered_logprobs`: `log softmax(head(f) / τ)[ids]` at K ids per row, optionally after the sampler's
   top-k / top-p truncation: the sampled-token logprobs (K = 1) and the student side of the top-k
-  forward KL (the teacher's K ids). The backward recomputes each chunk's softmax.
-- `jsd_loss`: the generalized JSD of two heads' distributions; the loss is a weighted sum whose weights
-  are known in the forward, so each chunk's gradient is taken there (Liger-Kernel's fused linear loss).
+  forward KL (the teacher's K ids). The backward reuses the forward's logits when they fit in
+  `KEPT_LOGITS_BYTES` (64 MiB: 256 rows at V = 49,152 take 50 MB) and recomputes each chunk's otherwise.
+- `jsd_loss` (opd/kernels_jsd.py): the generalized JSD of two heads' distributions, each chunk's gradient
+  taken in the forward.
 - `teacher_topk`: the teacher's sampled-token logprob and its own top-k at a temperature, no gradient.
 
 The idea is Liger-Kernel's chunked losses and TRL's `_chunked_divergence_loss` (docs/design.md §3-4).
@@ -17,12 +18,14 @@ The idea is Liger-Kernel's chunked losses and TRL's `_chunked_divergence_loss` (
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from opd.heads import IDENTITY, Head
-from opd.logprobs import check_chunk_size, check_temperature, compute_dtype, masked_mean, step_token_count
+from opd.logprobs import check_chunk_size, check_temperature, compute_dtype
 
 
 @torch.no_grad()
@@ -49,14 +52,31 @@ def check_beta(beta: float) -> None:
         raise ValueError(f"beta must be in [0, 1], got {beta!r}")
 
 
-def chunk_rows(V: int) -> int:
+KEPT_LOGITS_BYTES = 64 * 2**20  # a differentiable gathered_logprobs keeps its forward's logits up to this size
+
+
+def chunk_rows(V: int, N: int | None = None) -> int:
     """Rows of logits per chunk: 256 (fewer re-reads of a `[V, H]` weight), fewer where 256 rows would pass
-    2^22 entries (16 MB in fp32), so the chunk's few `[C, V]` buffers stay small beside `[N, V]` at any V."""
-    return max(1, min(256, 2**22 // max(V, 1)))
+    2^22 entries (16 MB in fp32), so the chunk's few `[C, V]` buffers stay small beside `[N, V]` at any V.
+    Given the row count N, the chunks split it evenly (256 rows at V = 49,152: 4 x 64, not 3 x 85 + 1)."""
+    rows = max(1, min(256, 2**22 // max(V, 1)))
+    if N:
+        rows = -(-N // -(-N // rows))
+    return rows
 
 
 def _needs(ctx, first_param: int) -> tuple[bool, ...]:
     return (ctx.needs_input_grad[0], *ctx.needs_input_grad[first_param:])
+
+
+def _scaled(z_C_V: Tensor, temperature: float, head: Head) -> Tensor:
+    """`z / τ` as a tensor the caller may change in place: a linear head's logits are a fresh matmul's, kept at τ = 1."""
+    return z_C_V if temperature == 1.0 and head.kind == "linear" else z_C_V / temperature
+
+
+def _filled(grads_p: list, params, needs_p) -> list:
+    """The parameters' gradients a head's vjp accumulated, zeros for a needed one no chunk reached (no rows)."""
+    return [torch.zeros_like(p) if n and g is None else g for g, p, n in zip(grads_p, params, needs_p, strict=True)]
 
 
 class _GatheredLogprobs(torch.autograd.Function):
@@ -68,14 +88,20 @@ class _GatheredLogprobs(torch.autograd.Function):
         lse_N = torch.empty(N, dtype=dtype, device=features_N_X.device)
         truncated = top_k > 0 or top_p < 1.0
         thr_N = torch.empty_like(lse_N) if truncated else None
+        # Small enough, the logits chunks are kept for the backward instead of recomputed there (one matmul less).
+        keep = (any(ctx.needs_input_grad) and head.kind in ("linear", "identity")
+                and N * head_vocab(head, features_N_X) * torch.finfo(dtype).bits // 8 <= KEPT_LOGITS_BYTES)
+        ctx.kept = [] if keep else None
         for start in range(0, N, chunk_size):
             rows = slice(start, start + chunk_size)
-            z_C_V = head.fn(features_N_X[rows], *params).to(dtype) / temperature
+            z_C_V = _scaled(head.fn(features_N_X[rows], *params).to(dtype), temperature, head)
             if truncated:
                 thr_N[rows] = truncation_threshold(z_C_V, top_k, top_p)
                 z_C_V.masked_fill_(z_C_V < thr_N[rows, None], float("-inf"))
             lse_N[rows] = torch.logsumexp(z_C_V, dim=-1)
             out_N_K[rows] = z_C_V.gather(-1, ids_N_K[rows]) - lse_N[rows, None]
+            if keep:
+                ctx.kept.append(z_C_V)
         ctx.save_for_backward(features_N_X, ids_N_K, lse_N, thr_N, *params)
         ctx.head, ctx.temperature, ctx.chunk_size = head, temperature, chunk_size
         return out_N_K
@@ -86,23 +112,29 @@ class _GatheredLogprobs(torch.autograd.Function):
         features_N_X, ids_N_K, lse_N, thr_N, *params = ctx.saved_tensors
         needs = _needs(ctx, 7)
         grad_f_N_X = torch.empty_like(features_N_X) if needs[0] else None
-        grads_p = [torch.zeros_like(p) if n else None for p, n in zip(params, needs[1:], strict=True)]
-        for start in range(0, features_N_X.shape[0], ctx.chunk_size):
+        grads_p = [None] * len(params)
+        for i, start in enumerate(range(0, features_N_X.shape[0], ctx.chunk_size)):
             rows = slice(start, start + ctx.chunk_size)
-            logits_C_V, vjp = ctx.head.chunk(features_N_X[rows], tuple(params), needs)
-            z_C_V = logits_C_V.to(lse_N.dtype) / ctx.temperature
+            kept = ctx.kept is not None
+            logits_C_V, vjp = ctx.head.chunk(features_N_X[rows], tuple(params), needs, logits=not kept)
+            if kept:  # the forward's scaled, truncated logits; left intact for a second backward
+                z_C_V = ctx.kept[i]
+            else:
+                z_C_V = _scaled(logits_C_V.to(lse_N.dtype), ctx.temperature, ctx.head)
+                if thr_N is not None:
+                    z_C_V.masked_fill_(z_C_V < thr_N[rows, None], float("-inf"))
             ids_C_K, g_C_K = ids_N_K[rows], grad_out_N_K[rows].to(lse_N.dtype) / ctx.temperature
             if thr_N is not None:
-                z_C_V.masked_fill_(z_C_V < thr_N[rows, None], float("-inf"))
                 # A target outside the truncated support has logprob -inf, constant under small changes.
                 g_C_K = g_C_K.masked_fill(z_C_V.gather(-1, ids_C_K) == float("-inf"), 0.0)
             # d(z_k - lse)/dz = onehot(k) - softmax(z), times 1/τ (folded into g); one [C, V] buffer.
-            grad_C_V = z_C_V.sub_(lse_N[rows, None]).exp_().mul_(-g_C_K.sum(-1, keepdim=True))
+            shifted_C_V = torch.sub(z_C_V, lse_N[rows, None]) if kept else z_C_V.sub_(lse_N[rows, None])
+            grad_C_V = shifted_C_V.exp_().mul_(-g_C_K.sum(-1, keepdim=True))
             grad_C_V.scatter_add_(-1, ids_C_K, g_C_K)
             # Rows with zero upstream gradient (masked positions) get an exact 0, even if they hold NaN.
             grad_C_V.masked_fill_((g_C_K == 0).all(-1, keepdim=True), 0.0)
             vjp(grad_C_V, None if grad_f_N_X is None else grad_f_N_X[rows], grads_p)
-        return (grad_f_N_X, None, None, None, None, None, None, *grads_p)
+        return (grad_f_N_X, None, None, None, None, None, None, *_filled(grads_p, params, needs[1:]))
 
 
 def gathered_logprobs(features_N_X: Tensor, head: Head, ids_N_K: Tensor, temperature: float = 1.0, top_k: int = 0,
@@ -116,7 +148,7 @@ def gathered_logprobs(features_N_X: Tensor, head: Head, ids_N_K: Tensor, tempera
     logits at a time, `chunk_rows(V)` by default.
     """
     check_temperature(temperature)
-    chunk_size = chunk_rows(head_vocab(head, features_N_X)) if chunk_size is None else chunk_size
+    chunk_size = chunk_rows(head_vocab(head, features_N_X), features_N_X.shape[0]) if chunk_size is None else chunk_size
     check_chunk_size(chunk_size)
     if features_N_X.dim() != 2 or ids_N_K.dim() != 2 or ids_N_K.shape[0] != features_N_X.shape[0]:
         raise ValueError(f"features {tuple(features_N_X.shape)} and ids {tuple(ids_N_K.shape)} must be [N, X], [N, K]")
@@ -175,7 +207,7 @@ def teacher_topk(features_N_X: Tensor, head: Head, ids_N: Tensor, temperature: f
     The sampled token's logprob and the k most likely ids with their logprobs (k capped at V), fp32.
     """
     check_temperature(temperature)
-    chunk_size = chunk_rows(head_vocab(head, features_N_X)) if chunk_size is None else chunk_size
+    chunk_size = chunk_rows(head_vocab(head, features_N_X), features_N_X.shape[0]) if chunk_size is None else chunk_size
     check_chunk_size(chunk_size)
     N, device = features_N_X.shape[0], features_N_X.device
     logprobs_N = torch.empty(N, device=device)
@@ -190,72 +222,6 @@ def teacher_topk(features_N_X: Tensor, head: Head, ids_N: Tensor, temperature: f
     if not topk_lp:
         return logprobs_N, torch.empty((0, k), device=device), torch.empty((0, k), dtype=torch.long, device=device)
     return logprobs_N, torch.cat(topk_lp), torch.cat(topk_ids)
-
-
-def jsd_rows(s_C_V: Tensor, t_C_V: Tensor, beta: float, temperature: float) -> tuple[Tensor, Tensor]:
-    """Per-row generalized JSD of logits `[C, V]` and its gradient w.r.t. the student's, fp32 (fp64 for fp64 input).
-
-    With g = ∂JSD/∂P_S = (1-β) log(P_S/M) (log(P_S/P_T) + 1 at β=1), the softmax Jacobian gives
-    ∂JSD/∂z_s = P_S (g - Σ P_S g) / τ; at β=0 it is (P_S - P_T) / τ. Log-probs are floored at
-    -1e4 (exp underflows to 0 long before), so 0·log 0 terms are exactly 0 without extra passes.
-    """
-    dtype = compute_dtype(s_C_V)
-    z_s_C_V, z_t_C_V = s_C_V.to(dtype) / temperature, t_C_V.to(dtype) / temperature
-    log_ps_C_V = torch.log_softmax(z_s_C_V, dim=-1).clamp_(min=-1e4)
-    log_pt_C_V = torch.log_softmax(z_t_C_V, dim=-1).clamp_(min=-1e4)
-    ps_C_V = log_ps_C_V.exp()
-    if beta == 0.0:
-        pt_C_V = log_pt_C_V.exp()
-        value_C = torch.linalg.vecdot(pt_C_V, log_pt_C_V.sub_(log_ps_C_V))
-        return value_C.clamp(min=0.0), ps_C_V.sub_(pt_C_V).div_(temperature)
-    if beta == 1.0:  # KL(P_S‖P_T) reads the teacher's log-probs only
-        log_ref_C_V, weight_s, value_t_C = log_pt_C_V, 1.0, 0.0
-    else:
-        # log M = log(β P_T + (1-β) P_S), floored at the smallest normal float (M may underflow to 0).
-        pt_C_V = log_pt_C_V.exp()
-        log_ref_C_V = torch.add(pt_C_V * beta, ps_C_V, alpha=1.0 - beta).clamp_(min=torch.finfo(dtype).tiny).log_()
-        value_t_C = beta * torch.linalg.vecdot(pt_C_V, log_pt_C_V.sub_(log_ref_C_V))
-        weight_s = 1.0 - beta
-    diff_C_V = log_ps_C_V.sub_(log_ref_C_V)
-    kl_s_C = torch.linalg.vecdot(ps_C_V, diff_C_V)
-    grad_C_V = ps_C_V.mul_(diff_C_V.sub_(kl_s_C[:, None])).mul_(weight_s / temperature)
-    # A divergence is >= 0; fp32 rounding can leave ~-1e-7 for near-identical rows.
-    return (value_t_C + weight_s * kl_s_C).clamp(min=0.0), grad_C_V
-
-
-class _JSD(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, features_N_X, teacher_N_Y, weights_N, head, teacher_head, beta, temperature, chunk_size, sub_rows,
-                *params):
-        needs = _needs(ctx, 9)
-        N = features_N_X.shape[0]
-        values_N = torch.empty(N, dtype=weights_N.dtype, device=features_N_X.device)
-        grad_f_N_X = torch.empty_like(features_N_X) if needs[0] else None
-        grads_p = [torch.zeros_like(p) if n else None for p, n in zip(params, needs[1:], strict=True)]
-        teacher_device = teacher_head.params[0].device if teacher_head.params else teacher_N_Y.device
-        for start in range(0, N, chunk_size):
-            rows = slice(start, start + chunk_size)
-            z_s_C_V, vjp = head.chunk(features_N_X[rows], tuple(params), needs)
-            z_t_C_V = teacher_head(teacher_N_Y[rows].to(teacher_device)).to(z_s_C_V.device)
-            # the gradient overwrites the student logits it came from, unless they are the input rows themselves
-            grad_C_V = z_s_C_V if head.kind == "linear" else torch.empty_like(z_s_C_V)
-            for sub in range(0, z_s_C_V.shape[0], sub_rows):
-                part = slice(sub, sub + sub_rows)
-                value_R, grad_R_V = jsd_rows(z_s_C_V[part], z_t_C_V[part], beta, temperature)
-                values_N[start + sub : start + sub + value_R.shape[0]] = value_R
-                grad_C_V[part] = grad_R_V.mul_(weights_N[rows][part, None])
-            if vjp is not None:
-                vjp(grad_C_V, None if grad_f_N_X is None else grad_f_N_X[rows], grads_p)
-        ctx.save_for_backward(grad_f_N_X, *grads_p)
-        ctx.mark_non_differentiable(values_N)
-        return torch.linalg.vecdot(values_N, weights_N), values_N
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_loss: Tensor, _grad_values_N: Tensor):
-        # out of place: a second backward (retain_graph, gradcheck) must find the saved gradients intact
-        grad_f, *grads_p = [None if g is None else g * grad_loss.to(g.dtype) for g in ctx.saved_tensors]
-        return (grad_f, None, None, None, None, None, None, None, None, *grads_p)
 
 
 def head_vocab(head: Head, features_N_X: Tensor) -> int:
@@ -275,46 +241,5 @@ def _cut(head: Head, features_N_X: Tensor, V: int) -> tuple[Head, Tensor]:
     if head.kind == "identity":
         return head, features_N_X[:, :V]
     if head.kind == "linear":
-        return Head(head.fn, (head.params[0][:V],), "linear"), features_N_X
+        return dataclasses.replace(head, params=(head.params[0][:V],)), features_N_X
     return Head(lambda f, *p: head.fn(f, *p)[..., :V], head.params), features_N_X
-
-
-def jsd_loss(features_N_X: Tensor, head: Head, teacher_N_Y: Tensor, loss_mask_N: Tensor, num_tokens: float | Tensor,
-             beta: float = 0.5, temperature: float = 1.0, teacher_head: Head = IDENTITY, chunk_size: int | None = None,
-             sub_rows: int | None = None) -> tuple[Tensor, dict]:
-    """`losses.generalized_jsd_loss(head(features), teacher_head(teacher), mask, num_tokens)` without `[N, V]` logits.
-
-    Teacher: logits rows `[N, V']` (the default identity head) or hidden states with the teacher's head.
-    Rows whose mask is 0 are never computed; both sides compare over the shared `V = min(V, V')` ids.
-    `chunk_size` rows of logits exist at a time (default `chunk_rows(V)`); the divergence runs on `sub_rows`
-    rows at a time (default: 64k entries, which stay in cache). Gradient to the student's features and head parameters only.
-    """
-    check_temperature(temperature)
-    check_beta(beta)
-    N = features_N_X.shape[0]
-    heads_line_up = all(h.kind != "linear" or h.params[0].shape[1:] == x.shape[1:]
-                        for h, x in ((head, features_N_X), (teacher_head, teacher_N_Y)))
-    if (features_N_X.dim() != 2 or teacher_N_Y.dim() != 2 or teacher_N_Y.shape[0] != N
-            or tuple(loss_mask_N.shape) != (N,) or not heads_line_up):
-        shapes = [tuple(h.params[0].shape) for h in (head, teacher_head) if h.params]
-        raise ValueError(f"shapes disagree: student features {tuple(features_N_X.shape)}, teacher "
-                         f"{tuple(teacher_N_Y.shape)}, mask {tuple(loss_mask_N.shape)}, head / teacher head {shapes}")
-    dtype = compute_dtype(features_N_X)
-    n = step_token_count(num_tokens, loss_mask_N, dtype).clamp(min=1.0)
-    active_N = loss_mask_N != 0
-    weights_N = torch.where(active_N, loss_mask_N.to(dtype), 0.0) / n
-    every_row = bool(active_N.all())  # training passes the active rows only: no gather
-    pick = (lambda x: x) if every_row else (lambda x: x[active_N])
-    features_A_X, teacher_A_Y = pick(features_N_X), pick(teacher_N_Y.detach())
-    V = min(head_vocab(head, features_A_X), head_vocab(teacher_head, teacher_A_Y)) if features_A_X.shape[0] else 1
-    head, features_A_X = _cut(head, features_A_X, V)
-    teacher_head, teacher_A_Y = _cut(teacher_head, teacher_A_Y, V)
-    teacher_head = Head(teacher_head.fn, tuple(p.detach() for p in teacher_head.params), teacher_head.kind)
-    chunk_size = chunk_rows(V) if chunk_size is None else chunk_size
-    check_chunk_size(chunk_size)
-    sub_rows = max(1, 2**16 // V) if sub_rows is None else sub_rows
-    check_chunk_size(sub_rows, "sub_rows")
-    loss, values_A = _JSD.apply(features_A_X, teacher_A_Y, pick(weights_N), head, teacher_head, float(beta),
-                                float(temperature), chunk_size, sub_rows, *head.params)
-    values_N = values_A if every_row else torch.zeros_like(weights_N).masked_scatter(active_N, values_A)
-    return loss, {"opd/jsd": masked_mean(values_N, loss_mask_N).float()}

@@ -245,7 +245,7 @@ def generalized_jsd_loss(student_logits_B_T_V: Tensor, teacher_logits_B_T_V: Ten
     Shapes: logits `[B, T, Vs]` and `[B, T, Vt]`, mask `[B, T]`. Padded vocabularies: both sides
     are compared over the shared range `V = min(Vs, Vt)` only (columns above get zero gradient).
     The specification, differentiated by autograd: fp32 over the active rows only, `chunk_size` rows
-    at a time; log-probs floored at -1e4 so 0·log 0 is 0. The training kernel is `opd.kernels.jsd_loss`.
+    at a time; log-probs floored at -1e4 so 0·log 0 is 0. The training kernel is `opd.kernels_jsd.jsd_loss`.
     Gradient flows to the student only. Metric: `opd/jsd`.
     """
     check_temperature(temperature)

@@ -15,7 +15,8 @@ import torch
 from opd.config import TrainConfig
 from opd.forward import active_features, masked_token_logprobs, model_head
 from opd.heads import IDENTITY
-from opd.kernels import gathered_logprobs, head_vocab, jsd_loss
+from opd.kernels import gathered_logprobs, head_vocab
+from opd.kernels_jsd import jsd_loss
 from opd.losses import (checked_topk_ids, cross_entropy_loss, importance_sampling_loss, opsm_mask, ppo_clip_loss,
                         reverse_kl_advantages, topk_forward_kl_terms)
 from opd.losses_student_topk import student_topk_rkl_terms

@@ -9,7 +9,8 @@ from opd.batch import collate, right_pad
 from opd.config import load_config
 from opd.forward import active_logits, masked_token_logprobs, model_head, supports_fused
 from opd.heads import IDENTITY, linear_head
-from opd.kernels import gathered_logprobs, jsd_loss, token_logprobs
+from opd.kernels import gathered_logprobs, token_logprobs
+from opd.kernels_jsd import jsd_loss
 from opd.losses import generalized_jsd_loss, topk_forward_kl_loss
 from opd.logprobs import completion_mask
 from opd.teacher import TeacherScores

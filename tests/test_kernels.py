@@ -1,18 +1,29 @@
 """The kernels of opd/kernels.py equal the specifications of opd/losses.py, in value and gradient, whatever the head.
 
 Three heads: a plain weight, a soft-capped one (Gemma 2) and the identity over precomputed logits rows.
-Reference: the spec on the logits `head(features)`, differentiated by autograd.
+Reference: the spec on the logits `head(features)`, differentiated by autograd. `gathered_logprobs` keeps
+its forward's logits for the backward when they are small (`KEPT_LOGITS_BYTES`) and recomputes them
+otherwise; the `kept` fixture runs a test both ways.
 """
 
 import pytest
 import torch
 
+import opd.kernels
 from opd.heads import IDENTITY, linear_head, softcapped_head
-from opd.kernels import gathered_logprobs, jsd_loss, token_logprobs
+from opd.kernels import gathered_logprobs, token_logprobs
+from opd.kernels_jsd import jsd_loss
 from opd.losses import checked_topk_ids, generalized_jsd_loss, topk_forward_kl_loss, topk_forward_kl_terms
 
 N, H, V, K = 13, 6, 17, 4
 HEADS = ("linear", "softcapped", "identity")
+
+
+@pytest.fixture(params=["kept", "recomputed"])
+def kept(request, monkeypatch):
+    if request.param == "recomputed":
+        monkeypatch.setattr(opd.kernels, "KEPT_LOGITS_BYTES", 0)
+    return request.param
 
 
 def _inputs(seed=0, dtype=torch.float64):
@@ -43,26 +54,27 @@ def _topk_kernel(features, head, ids, nu, mask, n, temperature, chunk_size=5):
 
 
 @pytest.mark.parametrize("kind", HEADS)
-def test_sampled_token_logprobs_equal_the_spec_with_and_without_truncation(kind):
+@pytest.mark.parametrize("temperature", [0.7, 1.0])
+def test_sampled_token_logprobs_equal_the_spec_with_and_without_truncation(kind, temperature, kept):
     g, hidden, weight = _inputs()
     ids = torch.randint(0, V, (N,), generator=g)
     upstream = torch.randn(N, generator=g, dtype=torch.float64)
     for top_k, top_p in ((0, 1.0), (5, 0.9)):
         features, head, logits = _head(kind, hidden, weight)
-        ours = gathered_logprobs(features, head, ids[:, None], 0.7, top_k, top_p, chunk_size=4)[:, 0]
-        spec = token_logprobs(logits, ids, 0.7, top_k, top_p)
+        ours = gathered_logprobs(features, head, ids[:, None], temperature, top_k, top_p, chunk_size=4)[:, 0]
+        spec = token_logprobs(logits, ids, temperature, top_k, top_p)
         finite = spec.isfinite()
         torch.testing.assert_close(ours, spec)
         got = _grads((torch.where(finite, ours, 0.0) * upstream).sum(), hidden, weight)
         features, head, logits = _head(kind, hidden, weight)
-        spec = token_logprobs(logits, ids, 0.7, top_k, top_p)
+        spec = token_logprobs(logits, ids, temperature, top_k, top_p)
         want = _grads((torch.where(finite, spec, 0.0) * upstream).sum(), hidden, weight)
         for a, b in zip(got, want, strict=True):
             torch.testing.assert_close(a, b)
 
 
 @pytest.mark.parametrize("kind", HEADS)
-def test_topk_forward_kl_equals_the_spec(kind):
+def test_topk_forward_kl_equals_the_spec(kind, kept):
     g, hidden, weight = _inputs(1)
     ids = torch.randint(0, V, (N, K), generator=g)
     nu = torch.log_softmax(torch.randn(N, 3 * K, generator=g, dtype=torch.float64), -1)[:, :K]
@@ -99,7 +111,7 @@ def test_jsd_equals_the_spec(kind, beta):
         torch.testing.assert_close(a, b)
 
 
-def test_topk_forward_kl_kernel_passes_finite_differences_in_double_precision():
+def test_topk_forward_kl_kernel_passes_finite_differences_in_double_precision(kept):
     g, hidden, weight = _inputs(3)
     ids = torch.randint(0, V, (N, K), generator=g)
     nu = torch.log_softmax(torch.randn(N, 3 * K, generator=g, dtype=torch.float64), -1)[:, :K]
@@ -129,3 +141,4 @@ def test_every_kernel_is_invariant_to_the_chunk_size(kind):
         torch.testing.assert_close(jsd, results[0][1])
         for a, b in zip(grads, results[0][2], strict=True):
             torch.testing.assert_close(a, b)
+
