@@ -18,8 +18,6 @@ The idea is Liger-Kernel's chunked losses and TRL's `_chunked_divergence_loss` (
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
@@ -112,10 +110,9 @@ class _GatheredLogprobs(torch.autograd.Function):
         features_N_X, ids_N_K, lse_N, thr_N, *params = ctx.saved_tensors
         needs = _needs(ctx, 7)
         grad_f_N_X = torch.empty_like(features_N_X) if needs[0] else None
-        grads_p = [None] * len(params)
+        grads_p, kept = [None] * len(params), ctx.kept is not None
         for i, start in enumerate(range(0, features_N_X.shape[0], ctx.chunk_size)):
             rows = slice(start, start + ctx.chunk_size)
-            kept = ctx.kept is not None
             logits_C_V, vjp = ctx.head.chunk(features_N_X[rows], tuple(params), needs, logits=not kept)
             if kept:  # the forward's scaled, truncated logits; left intact for a second backward
                 z_C_V = ctx.kept[i]
@@ -241,5 +238,5 @@ def _cut(head: Head, features_N_X: Tensor, V: int) -> tuple[Head, Tensor]:
     if head.kind == "identity":
         return head, features_N_X[:, :V]
     if head.kind == "linear":
-        return dataclasses.replace(head, params=(head.params[0][:V],)), features_N_X
+        return Head(head.fn, (head.params[0][:V],), "linear"), features_N_X
     return Head(lambda f, *p: head.fn(f, *p)[..., :V], head.params), features_N_X
