@@ -1,11 +1,14 @@
-"""The bf16 training run of scripts/gpu-check.sh: a Qwen3-0.6B-shaped student against a Qwen3-1.7B-shaped teacher.
+"""The bf16 training runs of scripts/gpu-check.sh: a Qwen3-0.6B-shaped student against a Qwen3-1.7B-shaped teacher.
 
 Both are random-initialised from configs written here (no model hub, no internet) and saved as ordinary
 `from_pretrained` folders in bf16, as Qwen3 checkpoints come. The tokenizer is the bundled one, grown to
 Qwen3's 151,669 tokens with placeholder tokens, so every softmax spans Qwen's vocabulary, and the
-embedding has Qwen's 151,936 rows (a padded vocabulary). One `opd.train.train` run at dtype=bfloat16
-(fp32 student weights, a bf16 teacher), 32 prompts × 4 completions × 256 tokens (min_new_tokens fixes
-the length: a random student never stops); prints tokens/s, the step's phases and peak GPU memory.
+embedding has Qwen's 151,936 rows (a padded vocabulary). One `opd.train.train` run per path CI cannot
+check on a GPU (`RUNS`: the default sampled-token loss, the fused JSD kernel, a LoRA adapter), each at
+dtype=bfloat16 (fp32 student weights, a bf16 teacher), 32 prompts × 4 completions × 256 tokens
+(min_new_tokens fixes the length: a random student never stops); prints one JSON line per run with
+tokens/s, the step's phases, the step-1 importance ratio and peak GPU memory; a run that raises is
+reported with its error and the others still run.
 Needs only torch and transformers. `--cpu-smoke` runs the same code at tiny sizes on the CPU.
 """
 
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -47,7 +51,8 @@ def grown_tokenizer(size: int):
     return tokenizer
 
 
-def build(folder: Path, shape: dict, rows: int, tokenizer, device: str, seed: int) -> Path:
+def build(folder: Path, shape: dict, rows: int, tokenizer, device: str, seed: int) -> tuple[Path, int]:
+    """A random model saved to `folder`, and its matmul weights per token (every Linear, the tied head too)."""
     config = Qwen3Config(vocab_size=rows, tie_word_embeddings=True, max_position_embeddings=4096,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id, **shape)
@@ -56,14 +61,17 @@ def build(folder: Path, shape: dict, rows: int, tokenizer, device: str, seed: in
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+    weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
     del model
-    return folder
+    return folder, weights
 
 
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny sizes on the CPU (checks this script)")
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=3, help="steps of the reverse_kl run (the others run one fewer)")
+    parser.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated, of {', '.join(RUNS)}")
+    parser.add_argument("--json", help="also write the reports to this file")
     args = parser.parse_args()
     smoke = args.cpu_smoke
     if not smoke and not torch.cuda.is_available():
@@ -73,38 +81,78 @@ def main() -> int:
     shapes, tokens, rows = (SMOKE, 4096, 4224) if smoke else (QWEN3, 151_669, 151_936)
     P, G, N = (4, 2, 16) if smoke else (32, 4, 256)
     t0 = time.perf_counter()
+    reports, ok = [], True
     with tempfile.TemporaryDirectory(prefix="opd-gpu-check-") as tmp:
         tokenizer = grown_tokenizer(tokens)
-        student = build(Path(tmp) / "student", shapes["student"], rows, tokenizer, device, seed=0)
-        teacher = build(Path(tmp) / "teacher", shapes["teacher"], rows, tokenizer, device, seed=1)
+        student, student_w = build(Path(tmp) / "student", shapes["student"], rows, tokenizer, device, seed=0)
+        teacher, teacher_w = build(Path(tmp) / "teacher", shapes["teacher"], rows, tokenizer, device, seed=1)
         built = time.perf_counter() - t0
-        config = TrainConfig(student=str(student), teacher=str(teacher), dtype="bfloat16", teacher_dtype="bfloat16",
-                             device=device, steps=args.steps, prompts_per_step=P, completions_per_prompt=G,
-                             max_new_tokens=N, min_new_tokens=N, micro_batch_size=16, lr=1e-6, train_size=P,
-                             eval_size=2, eval_every=0, save_every=0, log_samples=0, progress=False,
-                             out_dir=str(Path(tmp) / "run")).validate()
-        if not smoke:
-            torch.cuda.reset_peak_memory_stats()
-        t1 = time.perf_counter()
-        run_dir = train(config)
-        trained = time.perf_counter() - t1
-        records = [r for r in read_metrics(run_dir) if r["step"] > 0]
-        final_ok = (run_dir / "final" / "config.json").is_file()
+        print(f"gpu_check: built both models in {built:.1f} s", flush=True)
+        for name in args.runs.split(","):
+            steps = args.steps if name == "reverse_kl" else max(1, args.steps - 1)
+            base = dict(student=str(student), teacher=str(teacher), dtype="bfloat16", teacher_dtype="bfloat16",
+                        device=device, steps=steps, prompts_per_step=P, completions_per_prompt=G,
+                        max_new_tokens=N, min_new_tokens=N, micro_batch_size=16, lr=1e-6, train_size=P,
+                        eval_size=2, eval_every=0, save_every=0, log_samples=0, progress=False,
+                        out_dir=str(Path(tmp) / f"run-{name}"))
+            report, passed = run_one(name, base | RUNS[name], steps, smoke, (P * G * N, student_w, teacher_w))
+            report["build_s"] = round(built, 1)
+            print(json.dumps(report), flush=True)
+            reports.append(report)
+            ok = ok and passed
+    if args.json:
+        Path(args.json).write_text(json.dumps(reports, indent=2) + "\n")
+    return 0 if ok else 1
+
+
+# One run per path that CI cannot check on a GPU: the default loss, the fused JSD kernel, a LoRA adapter.
+RUNS = {
+    "reverse_kl": {},
+    "jsd": dict(loss="jsd", jsd_beta=1.0),
+    "lora": dict(lora_rank=16, lr=1e-4),
+}
+
+
+def achieved(records: list[dict], tokens: int, student_w: int, teacher_w: int) -> dict:
+    """Median TFLOP/s per phase from matmul FLOPs alone (2 per weight per token forward, 6 forward+backward;
+    completion tokens only, no prompt, no attention scores: lower bounds). An H200's bf16 peak is ~790.
+    Step 1 is left out where there are more: its rollouts were drawn by the preflight check before the
+    loop (generate_s ~ 0), and it holds the warm-up."""
+    records = records[1:] or records
+    flops = {"generate": 2 * student_w * tokens, "score": 2 * teacher_w * tokens, "train": 6 * student_w * tokens}
+    return {f"{phase}_TFLOPs": round(flops[phase] / max(statistics.median(r[f"perf/{phase}_s"] for r in records),
+                                                        1e-9) / 1e12, 1) for phase in flops} if records else {}
+
+
+def run_one(name: str, fields: dict, steps: int, smoke: bool, sizes: tuple[int, int, int]) -> tuple[dict, bool]:
+    """One `opd.train.train` run; its per-step phases, tokens/s and peak GPU memory (never raises)."""
+    if not smoke:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    t1 = time.perf_counter()
+    try:
+        run_dir = train(TrainConfig(**fields).validate())
+    except Exception as error:  # a failing path is a finding of the check, not the end of it
+        return {"run": name, "error": f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"}, False
+    trained = time.perf_counter() - t1
+    records = [r for r in read_metrics(run_dir) if r["step"] > 0]
+    final_ok = (run_dir / "final" / "config.json").is_file()
     report = {
-        "device": torch.cuda.get_device_name() if not smoke else "cpu (smoke)",
+        "run": name, "device": torch.cuda.get_device_name() if not smoke else "cpu (smoke)",
         "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "shape": "smoke" if smoke else "qwen3 0.6B/1.7B",
-        "prompts x completions x tokens": f"{P} x {G} x {N}", "steps": args.steps,
+        "prompts x completions x tokens": f"{fields['prompts_per_step']} x {fields['completions_per_prompt']} x "
+                                          f"{fields['max_new_tokens']}", "steps": steps,
         "tokens_per_s_each_step": [round(r["perf/tokens_per_s"]) for r in records],
-        "generate_s": [round(r["perf/generate_s"], 2) for r in records],
-        "score_s": [round(r["perf/score_s"], 2) for r in records],
-        "train_s": [round(r["perf/train_s"], 2) for r in records],
-        "is_ratio_step_1": records[0].get("opd/is_ratio"),
+        "generate_s": [round(r["perf/generate_s"], 3) for r in records],
+        "score_s": [round(r["perf/score_s"], 3) for r in records],
+        "train_s": [round(r["perf/train_s"], 3) for r in records],
+        "loss_each_step": [round(r["train/loss"], 4) for r in records if "train/loss" in r],
+        "is_ratio_step_1": records[0].get("opd/is_ratio") if records else None,
         "peak_gpu_memory_GiB": None if smoke else round(torch.cuda.max_memory_allocated() / 2**30, 2),
-        "build_s": round(built, 1), "train_total_s": round(trained, 1), "final_saved": final_ok,
-    }
-    print(json.dumps(report, indent=2))
+        "train_total_s": round(trained, 1), "final_saved": final_ok,
+    } | achieved(records, *sizes)
     finite = all(all(v == v for v in r.values() if isinstance(v, float)) for r in records)
-    return 0 if final_ok and finite and len(records) == args.steps else 1
+    return report, final_ok and finite and len(records) == steps
 
 
 if __name__ == "__main__":
