@@ -69,7 +69,8 @@ def build(folder: Path, shape: dict, rows: int, tokenizer, device: str, seed: in
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny sizes on the CPU (checks this script)")
-    parser.add_argument("--steps", type=int, default=3, help="steps of the reverse_kl run (the others run one fewer)")
+    parser.add_argument("--steps", type=int, default=2, help="steps of each run (step 1's rollouts come from the "
+                        "preflight check, so step 2 is the first whole step)")
     parser.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated, of {', '.join(RUNS)}")
     parser.add_argument("--json", help="also write the reports to this file")
     args = parser.parse_args()
@@ -89,7 +90,7 @@ def main() -> int:
         built = time.perf_counter() - t0
         print(f"gpu_check: built both models in {built:.1f} s", flush=True)
         for name in args.runs.split(","):
-            steps = args.steps if name == "reverse_kl" else max(1, args.steps - 1)
+            steps = args.steps
             base = dict(student=str(student), teacher=str(teacher), dtype="bfloat16", teacher_dtype="bfloat16",
                         device=device, steps=steps, prompts_per_step=P, completions_per_prompt=G,
                         max_new_tokens=N, min_new_tokens=N, micro_batch_size=16, lr=1e-6, train_size=P,
@@ -100,8 +101,8 @@ def main() -> int:
             print(json.dumps(report), flush=True)
             reports.append(report)
             ok = ok and passed
-    if args.json:
-        Path(args.json).write_text(json.dumps(reports, indent=2) + "\n")
+            if args.json:  # after each run, so that a run cut off by the timeout leaves the others' numbers
+                Path(args.json).write_text(json.dumps(reports, indent=2) + "\n")
     return 0 if ok else 1
 
 
@@ -120,8 +121,8 @@ def achieved(records: list[dict], tokens: int, student_w: int, teacher_w: int) -
     loop (generate_s ~ 0), and it holds the warm-up."""
     records = records[1:] or records
     flops = {"generate": 2 * student_w * tokens, "score": 2 * teacher_w * tokens, "train": 6 * student_w * tokens}
-    return {f"{phase}_TFLOPs": round(flops[phase] / max(statistics.median(r[f"perf/{phase}_s"] for r in records),
-                                                        1e-9) / 1e12, 1) for phase in flops} if records else {}
+    seconds = {phase: statistics.median(r[f"perf/{phase}_s"] for r in records) for phase in flops} if records else {}
+    return {f"{phase}_TFLOPs": round(flops[phase] / t / 1e12, 1) for phase, t in seconds.items() if t > 1e-3}
 
 
 def run_one(name: str, fields: dict, steps: int, smoke: bool, sizes: tuple[int, int, int]) -> tuple[dict, bool]:

@@ -230,8 +230,8 @@ def test_experimental_paths_are_named_once_at_start(caplog):
     config = TrainConfig(rollout_backend="vllm", teacher_backend="served", teacher_url="http://127.0.0.1:1")
     with caplog.at_level(logging.WARNING, logger="opd.support"):
         assert warn_untested(config) == ["vLLM rollouts", "served teacher"]
-    assert [r.message.split(" has ")[0] for r in caplog.records] == ["experimental: vLLM rollouts",
-                                                                     "experimental: served teacher"]
+    assert [r.message.split(" (has run")[0] for r in caplog.records] == ["experimental: vLLM rollouts",
+                                                                         "experimental: served teacher"]
     assert untested_paths(TrainConfig(device="cpu", dtype="bfloat16")) == []
 
 
@@ -245,3 +245,28 @@ def test_gpu_check_script_exits_nonzero_without_cuda():
     done = subprocess.run([str(script)], capture_output=True, text=True, env={"PATH": "/usr/bin:/bin",
                                                                                "PYTHON": sys.executable}, timeout=120)
     assert done.returncode == 3 and "no CUDA device here" in done.stderr
+
+
+def test_gpu_check_training_runs_work_at_tiny_sizes_on_the_cpu(tmp_path):
+    """The prepared GPU check's training part (`--cpu-smoke`: the same code, tiny models) runs every path it
+    reports on a GPU, and each report holds finite per-step phases and a saved final model: a lease of a
+    GPU is too short to find a broken script there."""
+    import json
+    import math
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "report.json"
+    done = subprocess.run([sys.executable, str(root / "scripts" / "gpu_check.py"), "--cpu-smoke", "--steps", "2",
+                           "--json", str(out)], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(root), "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    reports = json.loads(out.read_text())
+    assert [r["run"] for r in reports] == ["reverse_kl", "jsd", "lora"]
+    for r in reports:
+        assert r["final_saved"] and r["steps"] == 2 and len(r["train_s"]) == 2, r
+        assert all(math.isfinite(v) and v > 0 for v in r["loss_each_step"] + r["train_s"] + r["score_s"]), r
+        assert r["generate_s"][1] > 0 and "generate_TFLOPs" in r, r  # step 2 samples its own rollouts
+    assert abs(reports[0]["is_ratio_step_1"] - 1) < 1e-2 and reports[1]["is_ratio_step_1"] is None
