@@ -74,7 +74,9 @@ def main() -> int:
     parser.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated, of {', '.join(RUNS)}")
     parser.add_argument("--json", help="also write the reports to this file")
     args = parser.parse_args()
-    smoke = args.cpu_smoke
+    smoke, names = args.cpu_smoke, args.runs.split(",")
+    if unknown := [n for n in names if n not in RUNS]:
+        parser.error(f"--runs: unknown {', '.join(unknown)}; choose from {', '.join(RUNS)}")
     if not smoke and not torch.cuda.is_available():
         print("gpu_check: no CUDA device (torch.cuda.is_available() is False); use --cpu-smoke", file=sys.stderr)
         return 3
@@ -89,14 +91,13 @@ def main() -> int:
         teacher, teacher_w = build(Path(tmp) / "teacher", shapes["teacher"], rows, tokenizer, device, seed=1)
         built = time.perf_counter() - t0
         print(f"gpu_check: built both models in {built:.1f} s", flush=True)
-        for name in args.runs.split(","):
-            steps = args.steps
+        for name in names:
             base = dict(student=str(student), teacher=str(teacher), dtype="bfloat16", teacher_dtype="bfloat16",
-                        device=device, steps=steps, prompts_per_step=P, completions_per_prompt=G,
+                        device=device, steps=args.steps, prompts_per_step=P, completions_per_prompt=G,
                         max_new_tokens=N, min_new_tokens=N, micro_batch_size=16, lr=1e-6, train_size=P,
                         eval_size=2, eval_every=0, save_every=0, log_samples=0, progress=False,
                         out_dir=str(Path(tmp) / f"run-{name}"))
-            report, passed = run_one(name, base | RUNS[name], steps, smoke, (P * G * N, student_w, teacher_w))
+            report, passed = run_one(name, base | RUNS[name], args.steps, smoke, (P * G * N, student_w, teacher_w))
             report["build_s"] = round(built, 1)
             print(json.dumps(report), flush=True)
             reports.append(report)
