@@ -2,7 +2,8 @@
 # One prepared check for a CUDA machine that has only torch, transformers and peft (no vLLM, no internet,
 # no model hub, no pip install): the `gpu`-marked tests, then a bf16 training run of a Qwen3-0.6B-shaped
 # random student against a Qwen3-1.7B-shaped random teacher (scripts/gpu_check.py: 32 prompts x 4 x 256
-# tokens, once per loss/LoRA path; tokens/s and peak GPU memory), then scripts/gpu_check_vllm.py when it exists and vLLM imports.
+# tokens, once per loss/LoRA path; tokens/s and peak GPU memory; then a profile of the decode loop: wall
+# vs GPU-busy time and kernels per token), then scripts/gpu_check_vllm.py when it exists and vLLM imports.
 # Runs from a copy of the working tree with the machine's own python (PYTHON=...; default python3).
 # Without CUDA it exits 3 saying so; `--cpu-smoke` runs the training part at tiny sizes on the CPU instead.
 # GPU_CHECK_JSON=FILE also writes the training reports there. Budget: about 9 minutes on one H200
@@ -35,7 +36,7 @@ else
 fi
 
 echo "== 2/3 bf16 training runs: reverse_kl, jsd, lora (Qwen3-0.6B-shaped student, Qwen3-1.7B-shaped teacher)"
-timeout 560 "$PY" scripts/gpu_check.py ${GPU_CHECK_JSON:+--json "$GPU_CHECK_JSON"} || status=1
+timeout 560 "$PY" scripts/gpu_check.py --profile-decode ${GPU_CHECK_JSON:+--json "$GPU_CHECK_JSON"} || status=1
 
 echo "== 3/3 vLLM"
 if [[ ! -f scripts/gpu_check_vllm.py ]]; then

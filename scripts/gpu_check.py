@@ -8,7 +8,8 @@ check on a GPU (`RUNS`: the default sampled-token loss, the fused JSD kernel, a 
 dtype=bfloat16 (fp32 student weights, a bf16 teacher), 32 prompts × 4 completions × 256 tokens
 (min_new_tokens fixes the length: a random student never stops); prints one JSON line per run with
 tokens/s, the step's phases, the step-1 importance ratio and peak GPU memory; a run that raises is
-reported with its error and the others still run.
+reported with its error and the others still run. `--profile-decode` (which gpu-check.sh passes) first
+profiles the student's decode loop: wall time against GPU-busy time and kernels launched per token.
 Needs only torch and transformers. `--cpu-smoke` runs the same code at tiny sizes on the CPU.
 """
 
@@ -73,6 +74,8 @@ def main() -> int:
                         "preflight check, so step 2 is the first whole step)")
     parser.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated, of {', '.join(RUNS)}")
     parser.add_argument("--json", help="also write the reports to this file")
+    parser.add_argument("--profile-decode", action="store_true",
+                        help="then profile the student's bf16 decode loop: wall vs device time per token, launches")
     args = parser.parse_args()
     smoke, names = args.cpu_smoke, args.runs.split(",")
     if unknown := [n for n in names if n not in RUNS]:
@@ -91,6 +94,13 @@ def main() -> int:
         teacher, teacher_w = build(Path(tmp) / "teacher", shapes["teacher"], rows, tokenizer, device, seed=1)
         built = time.perf_counter() - t0
         print(f"gpu_check: built both models in {built:.1f} s", flush=True)
+        if args.profile_decode:  # first: short, and it says where a decode token goes
+            try:
+                report = profile_decode(student, tokenizer, device, rows=P * G, tokens=min(N, 32))
+            except Exception as error:  # a finding, reported like a failing run
+                report, ok = {"run": "profile_decode", "error": f"{type(error).__name__}: {str(error)[:300]}"}, False
+            print(json.dumps(report), flush=True)
+            reports.append(report)
         for name in names:
             base = dict(student=str(student), teacher=str(teacher), dtype="bfloat16", teacher_dtype="bfloat16",
                         device=device, steps=args.steps, prompts_per_step=P, completions_per_prompt=G,
@@ -124,6 +134,43 @@ def achieved(records: list[dict], tokens: int, student_w: int, teacher_w: int) -
     flops = {"generate": 2 * student_w * tokens, "score": 2 * teacher_w * tokens, "train": 6 * student_w * tokens}
     seconds = {phase: statistics.median(r[f"perf/{phase}_s"] for r in records) for phase in flops} if records else {}
     return {f"{phase}_TFLOPs": round(flops[phase] / t / 1e12, 1) for phase, t in seconds.items() if t > 1e-3}
+
+
+def profile_decode(student: Path, tokenizer, device: str, rows: int, tokens: int) -> dict:
+    """The HF engine's decode loop (bf16 autocast, as in training) under torch.profiler, after a warm-up:
+    wall time per token against the GPU's busy time per token and the kernels launched per token. Busy
+    time far below wall time means the loop waits on Python and launches, not on the GPU."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    from opd.models import load_model
+    from opd.rollout import Sampling
+    from opd.rollout.hf import HFRolloutEngine
+
+    model = load_model(str(student), dtype="float32", device=device, compute_dtype="bfloat16", name="student")
+    engine = HFRolloutEngine(model, tokenizer, batch_size=rows)
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": f"Count to {i}."}], add_generation_prompt=True,
+                                             tokenize=True, return_dict=False) for i in range(rows)]
+    sampling = Sampling(max_new_tokens=tokens, min_new_tokens=tokens)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    engine.generate(prompts, 1, sampling, seed=0)  # warm-up
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    sync()
+    t0 = time.perf_counter()
+    with profile(activities=activities) as prof:
+        engine.generate(prompts, 1, sampling, seed=1)
+        sync()
+    wall = time.perf_counter() - t0
+    events = prof.key_averages()
+    on_gpu = [e for e in events if e.device_type == DeviceType.CUDA]  # kernels and copies, not the CPU ops
+    device_us = sum(e.self_device_time_total for e in on_gpu)
+    kernels = sum(e.count for e in on_gpu)
+    top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:8]
+    del model, engine
+    return {"run": "profile_decode", "rows": rows, "tokens": tokens, "wall_ms_per_token": round(wall / tokens * 1e3, 2),
+            "gpu_busy_ms_per_token": round(device_us / tokens / 1e3, 2) if device == "cuda" else None,
+            "kernels_per_token": round(kernels / tokens) if device == "cuda" else None,
+            "top_self_cpu_ms": {e.key: round(e.self_cpu_time_total / 1e3, 1) for e in top}}
 
 
 def run_one(name: str, fields: dict, steps: int, smoke: bool, sizes: tuple[int, int, int]) -> tuple[dict, bool]:

@@ -260,10 +260,13 @@ def test_gpu_check_training_runs_work_at_tiny_sizes_on_the_cpu(tmp_path):
     root = Path(__file__).resolve().parent.parent
     out = tmp_path / "report.json"
     done = subprocess.run([sys.executable, str(root / "scripts" / "gpu_check.py"), "--cpu-smoke", "--steps", "2",
-                           "--json", str(out)], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                           "--profile-decode", "--json", str(out)], capture_output=True, text=True, timeout=300, cwd=tmp_path,
                           env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(root), "HF_HUB_OFFLINE": "1"})
     assert done.returncode == 0, done.stderr[-2000:]
     reports = json.loads(out.read_text())
+    profile = reports.pop(0)
+    assert profile["run"] == "profile_decode" and profile["wall_ms_per_token"] > 0, profile
+    assert "aten::mm" in profile["top_self_cpu_ms"], profile  # the decode loop's matmuls were seen
     assert [r["run"] for r in reports] == ["reverse_kl", "jsd", "lora"]
     for r in reports:
         assert r["final_saved"] and r["steps"] == 2 and len(r["train_s"]) == 2, r
