@@ -98,7 +98,7 @@ def main() -> int:
             try:
                 report = profile_decode(student, tokenizer, device, rows=P * G, tokens=min(N, 32))
             except Exception as error:  # a finding, reported like a failing run
-                report, ok = {"run": "profile_decode", "error": f"{type(error).__name__}: {str(error)[:300]}"}, False
+                report, ok = failed("profile_decode", error), False
             print(json.dumps(report), flush=True)
             reports.append(report)
         for name in names:
@@ -107,7 +107,7 @@ def main() -> int:
                         max_new_tokens=N, min_new_tokens=N, micro_batch_size=16, lr=1e-6, train_size=P,
                         eval_size=2, eval_every=0, save_every=0, log_samples=0, progress=False,
                         out_dir=str(Path(tmp) / f"run-{name}"))
-            report, passed = run_one(name, base | RUNS[name], args.steps, smoke, (P * G * N, student_w, teacher_w))
+            report, passed = run_one(name, base | RUNS[name], smoke, (P * G * N, student_w, teacher_w))
             report["build_s"] = round(built, 1)
             print(json.dumps(report), flush=True)
             reports.append(report)
@@ -146,11 +146,11 @@ def profile_decode(student: Path, tokenizer, device: str, rows: int, tokens: int
     from opd.models import load_model
     from opd.rollout import Sampling
     from opd.rollout.hf import HFRolloutEngine
+    from opd.tokenization import render_prompt
 
     model = load_model(str(student), dtype="float32", device=device, compute_dtype="bfloat16", name="student")
     engine = HFRolloutEngine(model, tokenizer, batch_size=rows)
-    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": f"Count to {i}."}], add_generation_prompt=True,
-                                             tokenize=True, return_dict=False) for i in range(rows)]
+    prompts = [render_prompt(tokenizer, [{"role": "user", "content": f"Count to {i}."}]) for i in range(rows)]
     sampling = Sampling(max_new_tokens=tokens, min_new_tokens=tokens)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     engine.generate(prompts, 1, sampling, seed=0)  # warm-up
@@ -173,7 +173,13 @@ def profile_decode(student: Path, tokenizer, device: str, rows: int, tokens: int
             "top_self_cpu_ms": {e.key: round(e.self_cpu_time_total / 1e3, 1) for e in top}}
 
 
-def run_one(name: str, fields: dict, steps: int, smoke: bool, sizes: tuple[int, int, int]) -> tuple[dict, bool]:
+def failed(name: str, error: Exception) -> dict:
+    """The report of a part that raised: its name and the error's first line."""
+    first = (str(error).splitlines() or [""])[0]  # an error may have no message
+    return {"run": name, "error": f"{type(error).__name__}: {first[:300]}"}
+
+
+def run_one(name: str, fields: dict, smoke: bool, sizes: tuple[int, int, int]) -> tuple[dict, bool]:
     """One `opd.train.train` run; its per-step phases, tokens/s and peak GPU memory (never raises)."""
     if not smoke:
         torch.cuda.empty_cache()
@@ -182,8 +188,8 @@ def run_one(name: str, fields: dict, steps: int, smoke: bool, sizes: tuple[int, 
     try:
         run_dir = train(TrainConfig(**fields).validate())
     except Exception as error:  # a failing path is a finding of the check, not the end of it
-        return {"run": name, "error": f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"}, False
-    trained = time.perf_counter() - t1
+        return failed(name, error), False
+    trained, steps = time.perf_counter() - t1, fields["steps"]
     records = [r for r in read_metrics(run_dir) if r["step"] > 0]
     final_ok = (run_dir / "final" / "config.json").is_file()
     report = {
