@@ -53,11 +53,16 @@ def check_beta(beta: float) -> None:
 KEPT_LOGITS_BYTES = 64 * 2**20  # a differentiable gathered_logprobs keeps its forward's logits up to this size
 
 
+CHUNK_ENTRIES = 2**24  # logits per chunk at most: 64 MiB in fp32, one [256, 49152] chunk
+
+
 def chunk_rows(V: int, N: int | None = None) -> int:
-    """Rows of logits per chunk: 256 (fewer re-reads of a `[V, H]` weight), fewer where 256 rows would pass
-    2^22 entries (16 MB in fp32), so the chunk's few `[C, V]` buffers stay small beside `[N, V]` at any V.
-    Given the row count N, the chunks split it evenly (256 rows at V = 49,152: 4 x 64, not 3 x 85 + 1)."""
-    rows = max(1, min(256, 2**22 // max(V, 1)))
+    """Rows of logits per chunk: 256, fewer where 256 rows would pass `CHUNK_ENTRIES` (110 at V = 151,936),
+    so the chunk's few `[C, V]` buffers stay bounded beside `[N, V]` at any V. Each chunk reads the whole
+    `[V, H]` weight once per matmul, and on a CPU a head matmul of 64 rows runs at half the FLOP/s of one
+    of 256 (docs/performance.md, 2026-12-04, third session), so chunks are as large as the budget allows.
+    Given the row count N, the chunks split it evenly (300 rows: 2 x 150, not 256 + 44)."""
+    rows = max(1, min(256, CHUNK_ENTRIES // max(V, 1)))
     if N:
         rows = -(-N // -(-N // rows))
     return rows

@@ -142,3 +142,13 @@ def test_every_kernel_is_invariant_to_the_chunk_size(kind):
         for a, b in zip(grads, results[0][2], strict=True):
             torch.testing.assert_close(a, b)
 
+
+
+def test_chunks_are_as_large_as_the_logits_budget_allows_and_split_rows_evenly():
+    # CHUNK_ENTRIES = 2^24 logits (64 MiB fp32): a micro-batch of 4 x 64 rows at SmolLM2's V = 49,152 is one chunk
+    # (2^24 / 49,152 = 341 > 256), so the [V, H] head weight is read once per matmul, not 4 times; Qwen's padded
+    # 151,936 rows allow 2^24 / 151,936 = 110; 300 rows at V = 32,000 split 2 x 150, not 256 + 44.
+    assert opd.kernels.chunk_rows(49_152, 256) == 256
+    assert opd.kernels.chunk_rows(151_936) == 110
+    assert opd.kernels.chunk_rows(32_000, 300) == 150
+    assert opd.kernels.chunk_rows(2_048, 40) == 40 and opd.kernels.chunk_rows(10**9) == 1
