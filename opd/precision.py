@@ -114,20 +114,21 @@ def set_compute_dtype(model: torch.nn.Module, dtype: str) -> torch.nn.Module:
 
 
 def casts_cached(model: torch.nn.Module):
-    """A context over many forwards of `model` (a decode loop) in which autocast casts each trainable weight once.
+    """A context over many forwards of `model` (a decode loop, an update's micro-batches) in which autocast
+    casts each trainable weight once; the weights must not change inside it (close it before the optimizer).
 
     torch's autocast keeps the bf16 copy of a weight that requires grad until the outermost autocast
-    context exits; the backbone opens one per forward, so a decode loop of N steps would cast the
-    whole student N times (measured: 30% of a bf16 decode at scale (b), more than its matmuls saved).
-    Inside this context the backbone's autocast is nested, the casts live for the whole loop, and the
-    values are the same bits. The head is not autocast (`_head_forward`); tensors a caller makes in fp32
-    stay fp32 (autocast lowers only matmul-like ops). A no-op for an fp32 model.
+    context exits, enabled or not; the backbone opens one per forward, so a decode loop of N steps would
+    cast the whole student N times (measured: 30% of a bf16 decode at scale (b), more than its matmuls
+    saved). This context is an autocast that is *off*: the backbone's own is nested inside it, so the
+    casts live until it closes and the values are the same bits, while everything outside the backbone
+    (the heads, the kernels and their backward matmuls) runs as it would without it. A no-op for an fp32 model.
     """
     backbone = getattr(model, model.base_model_prefix, model)
     compute = getattr(backbone, "_opd_compute_dtype", None)
     if compute is None:
         return contextlib.nullcontext()
-    return torch.autocast(next(model.parameters()).device.type, dtype=compute)
+    return torch.autocast(next(model.parameters()).device.type, dtype=compute, enabled=False)
 
 
 def compute_dtype_of(model: torch.nn.Module) -> torch.dtype:

@@ -29,6 +29,7 @@ from opd.objectives import make_objective, teacher_scores
 from opd.metrics import MetricsWriter
 from opd.models import load_models, resolve, save_dtype
 from opd.offpolicy import OwnScores
+from opd.precision import casts_cached
 from opd.sampler import Sampler, make_sampler
 from opd.support import warn_untested
 from opd.teacher import make_teacher_scorer
@@ -238,14 +239,15 @@ def update(student: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: Ba
     """One optimizer step over all micro-batches: accumulate, sum over ranks, clip, AdamW."""
     device = next(student.parameters()).device
     totals: dict[str, float] = {}
-    for start in range(0, batch.tokens_B_L.shape[0], config.micro_batch_size):
-        micro = batch.select(slice(start, start + config.micro_batch_size)).to(device)
-        loss, metrics = objective(student, micro, num_tokens, teacher_head)
-        loss.backward()
-        weight = micro.num_tokens / max(batch.num_tokens, 1)  # token-weighted mean of per-micro-batch means
-        totals["train/loss"] = totals.get("train/loss", 0.0) + loss.item()
-        for key, value in metrics.items():
-            totals[key] = totals.get(key, 0.0) + float(value) * (1.0 if key in SUMMED else weight)
+    with casts_cached(student):  # bf16: each weight cast once per update, not per micro-batch (closed before AdamW)
+        for start in range(0, batch.tokens_B_L.shape[0], config.micro_batch_size):
+            micro = batch.select(slice(start, start + config.micro_batch_size)).to(device)
+            loss, metrics = objective(student, micro, num_tokens, teacher_head)
+            loss.backward()
+            weight = micro.num_tokens / max(batch.num_tokens, 1)  # token-weighted mean of per-micro-batch means
+            totals["train/loss"] = totals.get("train/loss", 0.0) + loss.item()
+            for key, value in metrics.items():
+                totals[key] = totals.get(key, 0.0) + float(value) * (1.0 if key in SUMMED else weight)
     for key in SUMMED.intersection(totals):  # so that the token-weighted mean over ranks is the global sum
         totals[key] *= num_tokens / max(batch.num_tokens, 1)
     distributed.sum_gradients(student, d)

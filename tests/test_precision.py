@@ -130,16 +130,46 @@ def test_a_bf16_decode_casts_each_weight_once_per_call_and_samples_the_same_bits
     assert [r.sampler_logprobs for r in cached] == [r.sampler_logprobs for r in per_forward]
 
 
+def test_a_bf16_update_casts_each_weight_once_over_its_micro_batches_with_the_same_gradients(tokenizer, monkeypatch):
+    # `train.update` opens one `casts_cached` around its micro-batches, so autocast keeps each weight's bf16 copy
+    # until AdamW runs: 4 micro-batches of 4 rows cast the 14 backbone Linear weights 14 times, not 14 x 4 = 56
+    # (the shared-prompt forward already shares one cast between its two passes). Each micro-batch's backward
+    # still converts its own bf16 gradient to fp32 before it is added, and a cast is deterministic, so the
+    # accumulated gradients must equal those of per-micro-batch casts to the bit.
+    teacher, student = load_model("tiny:teacher"), load_model("tiny:student", compute_dtype="bfloat16")
+    batch = fixed_batch(tokenizer, teacher, student)
+    config = TrainConfig(micro_batch_size=4, lr=0.0, grad_clip=0.0, dtype="bfloat16")
+    linears = sum(isinstance(m, torch.nn.Linear) for m in student.model.modules())
+
+    def gradients():
+        optimizer, _ = make_optimizer(student, config)
+        grads = {}
+        optimizer.step = lambda: grads.update({n: p.grad.clone() for n, p in student.named_parameters()})
+        with WeightCasts(student) as casts:
+            train_step(student, optimizer, batch, config, batch.num_tokens, vocab_size=len(tokenizer))
+        return casts.count, grads
+
+    once, cached = gradients()
+    monkeypatch.setattr("opd.train.casts_cached", lambda model: contextlib.nullcontext())
+    per_micro, plain = gradients()
+    assert batch.tokens_B_L.shape[0] == 16 and (once, per_micro) == (linears, linears * 4)
+    assert cached.keys() == plain.keys() and all(torch.equal(cached[n], plain[n]) for n in plain)
+
+
 def test_the_head_stays_fp32_inside_an_outer_autocast(tokenizer):
-    # What makes casts_cached safe: the output layer runs in its weights' dtype whatever autocast is open around
-    # the model, so logits under an outer bf16 autocast are the fp32-head logits, bit for bit.
+    # The output layer runs in its weights' dtype whatever autocast is open around the model (a caller's own
+    # bf16 autocast, or `casts_cached`, which is an autocast that is off), so the logits under either are the
+    # fp32-head logits, bit for bit.
     student = load_model("tiny:student", compute_dtype="bfloat16")
     ids = torch.tensor([render_prompt(tokenizer, [{"role": "user", "content": "12+34"}])])
     with torch.no_grad():
         plain = student(input_ids=ids).logits
-        with casts_cached(student):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
             outer = student(input_ids=ids).logits
-    assert outer.dtype == plain.dtype == torch.float32 and torch.equal(outer, plain)
+        with casts_cached(student):
+            cached = student(input_ids=ids).logits
+    assert outer.dtype == plain.dtype == cached.dtype == torch.float32
+    assert torch.equal(outer, plain) and torch.equal(cached, plain)
     assert isinstance(casts_cached(load_model("tiny:student")), contextlib.nullcontext)  # fp32: nothing to cache
 
 
