@@ -64,6 +64,9 @@ def shard_model(model: torch.nn.Module) -> None:
     """FSDP2 in place: every decoder layer (the model's `_no_split_modules`), then the root."""
     from torch.distributed.fsdp import fully_shard
 
+    from opd.grads import plain_gradients
+
+    plain_gradients(model)  # FSDP reduce-scatters the gradients autograd delivers: none may bypass it
     layer_types = set(getattr(model, "_no_split_modules", None) or ())
     layers = [m for m in model.modules() if type(m).__name__ in layer_types]
     if not layers:

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 from transformers import DynamicCache
 
+from opd.grads import in_place_weight
 from opd.heads import IDENTITY, Head, linear_head, module_head, softcapped_head
 from opd.kernels import gathered_logprobs
 from opd.logprobs import completion_mask
@@ -76,8 +77,8 @@ def model_head(model: torch.nn.Module, vocab_size: int | None = None) -> Head | 
 
     None: the model is not structurally `head(last_hidden_state)`, and its logits rows are the features.
     """
-    if supports_fused(model):
-        return linear_head(head_weight(model, vocab_size))
+    if supports_fused(model):  # a student's weight gradient may go straight into its .grad (opd/grads.py)
+        return linear_head(head_weight(model, vocab_size), grad_into=in_place_weight(model))
     from opd.distributed import is_sharded
 
     module, backbone, transforms = _parts(model)

@@ -4,7 +4,9 @@ The kernels of `opd.kernels` take features and a head instead of logits, so they
 of rows at a time. Whatever the model's output layer is, it is one `Head` (chosen by `opd.forward`):
 
 - `linear_head(W)`: `f @ W.T`, the plain bias-free output embedding; its vector-Jacobian product is
-  two matmuls, accumulated in place (Liger-Kernel's fused linear cross-entropy does the same).
+  two matmuls, accumulated in place (Liger-Kernel's fused linear cross-entropy does the same). With
+  `grad_into=` a leaf weight, the weight's gradient is added straight into that leaf's `.grad[:V]`
+  and autograd is handed none for it (`opd.grads`: the student's tied `[V, H]` weight).
 - `softcapped_head(W, c)`: `c · tanh(f @ W.T / c)` (Gemma 2's `final_logit_softcapping`).
 - `module_head(m, V)`: any differentiable module, e.g. a LoRA-adapted `lm_head`.
 - `IDENTITY`: the features are already logits rows (a model that is not `lm_head(last_hidden_state)`).
@@ -22,14 +24,20 @@ from functools import partial
 import torch
 from torch import Tensor
 
+from opd.grads import grad_buffer
+
 
 @dataclass(frozen=True)
 class Head:
-    """`logits_C_V = fn(features_C_X, *params)`; `kind` is "linear", "identity" or "function"."""
+    """`logits_C_V = fn(features_C_X, *params)`; `kind` is "linear", "identity" or "function".
+
+    `grad_into` (linear only): the leaf whose `.grad` takes the weight's gradient in place.
+    """
 
     fn: Callable[..., Tensor]
     params: tuple[Tensor, ...] = ()
     kind: str = "function"
+    grad_into: Tensor | None = None
 
     def __call__(self, features_C_X: Tensor) -> Tensor:
         return self.fn(features_C_X, *self.params)
@@ -56,7 +64,9 @@ class Head:
                 grad_C_V = grad_C_V.to(features_C_X.dtype)
                 if grad_f_C_X is not None:
                     torch.mm(grad_C_V, weight_V_X, out=grad_f_C_X)
-                if need_p[0]:  # the first chunk writes the product: no zero-filled [V, X] buffer to add it to
+                if need_p[0] and self.grad_into is not None:  # straight into the leaf's gradient, rows [:V]
+                    grad_buffer(self.grad_into)[: weight_V_X.shape[0]].addmm_(grad_C_V.T, features_C_X)
+                elif need_p[0]:  # the first chunk writes the product: no zero-filled [V, X] buffer to add it to
                     if grads_p[0] is None:
                         grads_p[0] = grad_C_V.T @ features_C_X
                     else:
@@ -83,6 +93,13 @@ class Head:
                         grads_p[i].add_(grad)
         return logits_C_V.detach(), vjp
 
+    def returned_grads(self, grads_p: list, params: tuple[Tensor, ...], needs_p: tuple[bool, ...]) -> list:
+        """The parameters' gradients a kernel hands autograd: what the chunks' vjps accumulated, None for one
+        added in place (`grad_into`), zeros for a needed one no chunk reached (no rows)."""
+        if self.grad_into is not None:
+            return [None] * len(params)
+        return [torch.zeros_like(p) if n and g is None else g for g, p, n in zip(grads_p, params, needs_p, strict=True)]
+
 
 def _linear(features_C_X: Tensor, weight_V_X: Tensor) -> Tensor:
     return features_C_X @ weight_V_X.T
@@ -92,9 +109,10 @@ def _softcapped(features_C_X: Tensor, weight_V_X: Tensor, cap: float) -> Tensor:
     return torch.tanh((features_C_X @ weight_V_X.T) / cap) * cap
 
 
-def linear_head(weight_V_X: Tensor) -> Head:
-    """`f @ W.T` (pass `W[:vocab_size]` to leave padded rows out)."""
-    return Head(_linear, (weight_V_X,), "linear")
+def linear_head(weight_V_X: Tensor, grad_into: Tensor | None = None) -> Head:
+    """`f @ W.T` (pass `W[:vocab_size]` to leave padded rows out); `grad_into`: the leaf `W` is (a slice of)
+    whose `.grad` takes the weight gradient in place."""
+    return Head(_linear, (weight_V_X,), "linear", grad_into)
 
 
 def softcapped_head(weight_V_X: Tensor, cap: float) -> Head:

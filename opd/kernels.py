@@ -77,11 +77,6 @@ def _scaled(z_C_V: Tensor, temperature: float, head: Head) -> Tensor:
     return z_C_V if temperature == 1.0 and head.kind == "linear" else z_C_V / temperature
 
 
-def _filled(grads_p: list, params, needs_p) -> list:
-    """The parameters' gradients a head's vjp accumulated, zeros for a needed one no chunk reached (no rows)."""
-    return [torch.zeros_like(p) if n and g is None else g for g, p, n in zip(grads_p, params, needs_p, strict=True)]
-
-
 class _GatheredLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, features_N_X, ids_N_K, head, temperature, top_k, top_p, chunk_size, *params):
@@ -136,7 +131,7 @@ class _GatheredLogprobs(torch.autograd.Function):
             # Rows with zero upstream gradient (masked positions) get an exact 0, even if they hold NaN.
             grad_C_V.masked_fill_((g_C_K == 0).all(-1, keepdim=True), 0.0)
             vjp(grad_C_V, None if grad_f_N_X is None else grad_f_N_X[rows], grads_p)
-        return (grad_f_N_X, None, None, None, None, None, None, *_filled(grads_p, params, needs[1:]))
+        return (grad_f_N_X, None, None, None, None, None, None, *ctx.head.returned_grads(grads_p, params, needs[1:]))
 
 
 def gathered_logprobs(features_N_X: Tensor, head: Head, ids_N_K: Tensor, temperature: float = 1.0, top_k: int = 0,
@@ -243,5 +238,5 @@ def _cut(head: Head, features_N_X: Tensor, V: int) -> tuple[Head, Tensor]:
     if head.kind == "identity":
         return head, features_N_X[:, :V]
     if head.kind == "linear":
-        return Head(head.fn, (head.params[0][:V],), "linear"), features_N_X
+        return Head(head.fn, (head.params[0][:V],), "linear", head.grad_into), features_N_X
     return Head(lambda f, *p: head.fn(f, *p)[..., :V], head.params), features_N_X

@@ -8,12 +8,14 @@ checks value and gradient against the spec.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from opd.heads import IDENTITY, Head
-from opd.kernels import _cut, _filled, _needs, check_beta, chunk_rows, head_vocab
+from opd.kernels import _cut, _needs, check_beta, chunk_rows, head_vocab
 from opd.logprobs import check_chunk_size, check_temperature, compute_dtype, masked_mean, step_token_count
 
 
@@ -71,7 +73,7 @@ class _JSD(torch.autograd.Function):
                 grad_C_V[part] = grad_R_V.mul_(weights_N[rows][part, None])
             if vjp is not None:
                 vjp(grad_C_V, None if grad_f_N_X is None else grad_f_N_X[rows], grads_p)
-        ctx.save_for_backward(grad_f_N_X, *_filled(grads_p, params, needs[1:]))
+        ctx.save_for_backward(grad_f_N_X, *head.returned_grads(grads_p, params, needs[1:]))
         ctx.mark_non_differentiable(values_N)
         return torch.linalg.vecdot(values_N, weights_N), values_N
 
@@ -111,7 +113,8 @@ def jsd_loss(features_N_X: Tensor, head: Head, teacher_N_Y: Tensor, loss_mask_N:
     pick = (lambda x: x) if every_row else (lambda x: x[active_N])
     features_A_X, teacher_A_Y = pick(features_N_X), pick(teacher_N_Y.detach())
     V = min(head_vocab(head, features_A_X), head_vocab(teacher_head, teacher_A_Y)) if features_A_X.shape[0] else 1
-    head, features_A_X = _cut(head, features_A_X, V)
+    # the head's gradient is made in this forward and scaled in the backward, so autograd delivers it
+    head, features_A_X = _cut(dataclasses.replace(head, grad_into=None), features_A_X, V)
     teacher_head, teacher_A_Y = _cut(teacher_head, teacher_A_Y, V)
     teacher_head = Head(teacher_head.fn, tuple(p.detach() for p in teacher_head.params), teacher_head.kind)
     chunk_size = chunk_rows(V, features_A_X.shape[0]) if chunk_size is None else chunk_size

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
+from opd.grads import accumulate_in_place
 from opd.lora import apply_lora
 from opd.precision import checkpoint_dtype, set_compute_dtype, torch_dtype
 from opd.teacher import REMOTE_BACKENDS
@@ -162,13 +163,15 @@ def check_compatible(teacher_tokenizer, tokenizer, label: str | None) -> None:
 
 def load_student(config, tokenizer) -> torch.nn.Module:
     """The trainable student: fp32 weights whatever `config.dtype` (the compute precision, opd/precision.py),
-    the run's stop set in its generation config, gradient checkpointing and a LoRA adapter when asked."""
+    the run's stop set in its generation config, gradient checkpointing and a LoRA adapter when asked, and
+    its `[V, H]` gradients added in place (`opd.grads.accumulate_in_place`)."""
     student = load_model(config.student, "float32", config.device, compute_dtype=config.dtype, name="student")
     student.generation_config.eos_token_id = list(stop_token_ids(tokenizer, student.generation_config,
                                                                  config.stop_token_ids))
     if config.gradient_checkpointing:  # non-reentrant: works with frozen inputs and under autocast
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     student = apply_lora(student, config.lora_rank, config.lora_alpha, config.lora_targets)
+    accumulate_in_place(student)  # its [V, H] embedding and head gradients straight into .grad (opd/grads.py)
     student.train()
     return student
 
