@@ -149,6 +149,7 @@ class Parts:
 
         from opd.batch import collate
         from opd.objectives import micro_loss
+        from opd.precision import casts_cached
         from opd.sampler import completed, step_prompts
         c = self.config
         self.step += 1
@@ -162,10 +163,11 @@ class Parts:
         batch = collate(rollouts, self.scorer.score(rollouts, c.temperature), self.tokenizer.pad_token_id)
         t3 = time.perf_counter()
         self.student.train()
-        for start in range(0, batch.tokens_B_L.shape[0], c.micro_batch_size):
-            loss, _ = micro_loss(self.student, batch.select(slice(start, start + c.micro_batch_size)), c,
-                                 batch.num_tokens)
-            loss.backward()
+        with casts_cached(self.student):  # as `train.update`: each bf16 weight cast once over the micro-batches
+            for start in range(0, batch.tokens_B_L.shape[0], c.micro_batch_size):
+                loss, _ = micro_loss(self.student, batch.select(slice(start, start + c.micro_batch_size)), c,
+                                     batch.num_tokens)
+                loss.backward()
         t4 = time.perf_counter()
         torch.nn.utils.clip_grad_norm_(self.student.parameters(), c.grad_clip)
         self.optimizer.step()
