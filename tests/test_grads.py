@@ -6,36 +6,13 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from opd.batch import collate
 from opd.config import TrainConfig
 from opd.forward import model_head
 from opd.grads import accumulate_in_place, in_place_weight, plain_gradients
 from opd.lora import apply_lora
 from opd.models import load_model
-from opd.rollout import Sampling
-from opd.rollout.hf import HFRolloutEngine
-from opd.tasks import load_task
-from opd.teacher.hf import score_tokens
-from opd.tokenization import pad_id, render_prompt
 from opd.train import make_optimizer, train_step
-
-
-def scored_batch(tokenizer, teacher, student, **scoring):
-    """8 prompts x 2 samples of the student, 24 tokens at most, scored by the teacher (`scoring`: topk=, full_logits=)."""
-    prompts = [render_prompt(tokenizer, ex.prompt) for ex in load_task("arithmetic", "train", 8, 0)]
-    rollouts = HFRolloutEngine(student, tokenizer).generate(prompts, 2, Sampling(max_new_tokens=24), seed=0)
-    scores = score_tokens(teacher, [r.prompt_ids for r in rollouts], [r.completion_ids for r in rollouts], 1.0, **scoring)
-    return collate(rollouts, scores, pad_id(tokenizer))
-
-
-def step_gradients(model, batch, config, tokenizer, teacher=None):
-    """Every parameter's gradient after one `train_step` (4 rows a micro-batch), taken just before AdamW."""
-    optimizer, _ = make_optimizer(model, config)
-    grads = {}
-    optimizer.step = lambda: grads.update({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
-    head = model_head(teacher, len(tokenizer)) if teacher is not None else None
-    train_step(model, optimizer, batch, config, batch.num_tokens, vocab_size=len(tokenizer), teacher_head=head)
-    return grads
+from test_precision import fixed_batch, step_gradients
 
 
 @pytest.mark.parametrize("loss,dtype", [("reverse_kl", "float32"), ("topk_kl", "float32"), ("jsd", "float32"),
@@ -50,9 +27,9 @@ def test_in_place_gradients_equal_autograds_over_micro_batches(tokenizer, teache
     config = TrainConfig(loss=loss, micro_batch_size=4, lr=0.0, grad_clip=0.0, dtype=dtype, topk=8)
     plain = load_model("tiny:student", compute_dtype=dtype)
     fused = accumulate_in_place(load_model("tiny:student", compute_dtype=dtype))
-    batch = scored_batch(tokenizer, teacher, plain, **{"topk_kl": dict(topk=8), "jsd": dict(full_logits=True)}.get(loss, {}))
-    want = step_gradients(plain, batch, config, tokenizer, teacher if loss == "jsd" else None)
-    got = step_gradients(fused, batch, config, tokenizer, teacher if loss == "jsd" else None)
+    batch = fixed_batch(tokenizer, teacher, plain, **{"topk_kl": dict(topk=8), "jsd": dict(full_logits=True)}.get(loss, {}))
+    head = model_head(teacher, len(tokenizer)) if loss == "jsd" else None
+    want, got = (step_gradients(m, batch, config, tokenizer, head) for m in (plain, fused))
     assert batch.tokens_B_L.shape[0] == 16 and got.keys() == want.keys()
     embedding = "model.embed_tokens.weight"
     assert want[embedding].abs().max() > 0 and (batch.tokens_B_L == 0).any()  # padding id 0 occurs: its row gets none
@@ -89,7 +66,7 @@ def test_in_place_makes_one_vh_buffer_a_step_where_autograd_makes_several_a_micr
     config = TrainConfig(micro_batch_size=4, lr=0.0, grad_clip=0.0)
     counts = {}
     for name, model in (("plain", load_model("tiny:student")), ("fused", accumulate_in_place(load_model("tiny:student")))):
-        batch = scored_batch(tokenizer, teacher, model)
+        batch = fixed_batch(tokenizer, teacher, model)
         optimizer, _ = make_optimizer(model, config)
         train_step(model, optimizer, batch, config, batch.num_tokens, vocab_size=len(tokenizer))  # AdamW's state made
         with DenseVH(model.get_input_embeddings().weight.shape) as seen:
@@ -107,7 +84,7 @@ def test_a_padded_vocabulary_gets_no_gradient_past_the_tokenizer_in_place(tokeni
     for model in (plain, fused):
         model.resize_token_embeddings(len(tokenizer) + 64, mean_resizing=False)
     accumulate_in_place(fused)
-    batch = scored_batch(tokenizer, teacher, plain)
+    batch = fixed_batch(tokenizer, teacher, plain)
     want, got = (step_gradients(m, batch, config, tokenizer) for m in (plain, fused))
     name = "model.embed_tokens.weight"
     assert got[name].shape[0] == len(tokenizer) + 64 and not got[name][len(tokenizer):].any()

@@ -29,11 +29,22 @@ SMALL = ["prompts_per_step=4", "completions_per_prompt=2", "max_new_tokens=16", 
          "progress=false", "log_samples=0", "eval_every=0", "save_every=0"]
 
 
-def fixed_batch(tokenizer, teacher, student, n_prompts=8, g=2, max_new_tokens=24):
+def fixed_batch(tokenizer, teacher, student, n_prompts=8, g=2, max_new_tokens=24, **scoring):
+    """n_prompts x g samples of the student, scored by the teacher (`scoring`: score_tokens' topk=, full_logits=)."""
     prompts = [render_prompt(tokenizer, ex.prompt) for ex in load_task("arithmetic", "train", n_prompts, 0)]
     rollouts = HFRolloutEngine(student, tokenizer).generate(prompts, g, Sampling(max_new_tokens=max_new_tokens), seed=0)
-    scores = score_tokens(teacher, [r.prompt_ids for r in rollouts], [r.completion_ids for r in rollouts], 1.0)
+    scores = score_tokens(teacher, [r.prompt_ids for r in rollouts], [r.completion_ids for r in rollouts], 1.0,
+                          **scoring)
     return collate(rollouts, scores, pad_id(tokenizer))
+
+
+def step_gradients(model, batch, config, tokenizer, teacher_head=None):
+    """Every parameter's gradient after one `train_step`, taken just before AdamW would use it."""
+    optimizer, _ = make_optimizer(model, config)
+    grads = {}
+    optimizer.step = lambda: grads.update({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    train_step(model, optimizer, batch, config, batch.num_tokens, vocab_size=len(tokenizer), teacher_head=teacher_head)
+    return grads
 
 
 def model_folder(tmp_path, name="student", **config_changes):
@@ -142,11 +153,8 @@ def test_a_bf16_update_casts_each_weight_once_over_its_micro_batches_with_the_sa
     linears = sum(isinstance(m, torch.nn.Linear) for m in student.model.modules())
 
     def gradients():
-        optimizer, _ = make_optimizer(student, config)
-        grads = {}
-        optimizer.step = lambda: grads.update({n: p.grad.clone() for n, p in student.named_parameters()})
         with WeightCasts(student) as casts:
-            train_step(student, optimizer, batch, config, batch.num_tokens, vocab_size=len(tokenizer))
+            grads = step_gradients(student, batch, config, tokenizer)
         return casts.count, grads
 
     once, cached = gradients()
